@@ -1,0 +1,1 @@
+"""Neural networks and analytic models (nn.Modules); wrapped into denoisers elsewhere."""

@@ -1,0 +1,155 @@
+"""``Sampler``: a configured sampler (name, steps, schedule, knobs), what ``conf/sampler/*.yaml`` builds.
+
+It validates its settings up front (unknown knob, steps < 1, bad schedule: one clear error each),
+builds the sigma grid for a model, runs the registered function under ``no_grad`` unless asked,
+and can record the trajectory at requested sigmas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas
+from fastsample.samplers.common import Callback, GuidanceFn
+from fastsample.samplers.registry import SamplerSpec, get_sampler
+from fastsample.utils.errors import check_range, fail
+
+
+def _schedule_spec(schedule: ScheduleSpec | dict | str | None) -> ScheduleSpec:
+    if schedule is None:
+        return ScheduleSpec()
+    if isinstance(schedule, str):
+        return ScheduleSpec(kind=schedule)
+    if isinstance(schedule, ScheduleSpec):
+        return schedule
+    known = set(ScheduleSpec.__dataclass_fields__) - {"extra"}
+    settings = dict(schedule)
+    extra = {k: settings.pop(k) for k in list(settings) if k not in known}
+    return ScheduleSpec(**settings, extra=extra)
+
+
+class Sampler:
+    """A sampler bound to its settings; call :meth:`sample` with a denoiser and standard normal noise."""
+
+    def __init__(
+        self, name: str, steps: int, schedule: ScheduleSpec | dict | str | None = None, **knobs: Any
+    ) -> None:
+        self.spec: SamplerSpec = get_sampler(name)
+        self.name = name
+        check_range("sampler.steps", steps, low=1)
+        self.steps = int(steps)
+        self.schedule = _schedule_spec(schedule)
+        allowed = self.spec.knobs()
+        unknown = sorted(set(knobs) - set(allowed))
+        if unknown:
+            fail(
+                f"sampler.{unknown[0]} is not a setting of sampler {name!r}; "
+                f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        self.knobs = {**allowed, **knobs}
+
+    @property
+    def nfe(self) -> int:
+        """Model calls for one batch with this step count (grid ending at sigma = 0)."""
+        return self.spec.nfe(self.steps)
+
+    def sigmas(self, model: Any) -> Tensor:
+        """The float64 sigma grid for ``model``'s range."""
+        return make_sigmas(self.schedule, self.steps, model)
+
+    def run(
+        self,
+        denoiser: Any,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        cond: dict | None = None,
+        guidance: GuidanceFn | None = None,
+        generator: Any = None,
+        callback: Callback | None = None,
+        grad: bool = False,
+    ) -> Tensor:
+        """Integrate from ``x`` at ``sigmas[0]`` along ``sigmas`` (any start level)."""
+        sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+        with torch.set_grad_enabled(grad or torch.is_grad_enabled() and x.requires_grad):
+            return self.spec.fn(
+                denoiser,
+                x,
+                sigmas,
+                cond=cond,
+                guidance=guidance,
+                generator=generator,
+                callback=callback,
+                **self.knobs,
+            )
+
+    def sample(
+        self,
+        denoiser: Any,
+        noise: Tensor,
+        *,
+        cond: dict | None = None,
+        guidance: GuidanceFn | None = None,
+        generator: Any = None,
+        callback: Callback | None = None,
+        sigmas: Tensor | None = None,
+        grad: bool = False,
+    ) -> Tensor:
+        """Sample from standard normal ``noise``: start at ``sigmas[0] * noise`` and run to sigma = 0."""
+        sigmas = self.sigmas(denoiser) if sigmas is None else sigmas
+        x = noise * float(sigmas[0])
+        return self.run(
+            denoiser,
+            x,
+            sigmas,
+            cond=cond,
+            guidance=guidance,
+            generator=generator,
+            callback=callback,
+            grad=grad,
+        )
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.name!r}, steps={self.steps}, schedule={self.schedule.kind!r}, nfe={self.nfe})"
+
+
+def insert_sigmas(sigmas: Tensor, extra: Sequence[float], rtol: float = 1e-6) -> Tensor:
+    """Merge ``extra`` levels into a descending grid (levels already present within rtol are kept once)."""
+    merged = sorted({*sigmas.tolist(), *map(float, extra)}, reverse=True)
+    unique = [merged[0]]
+    for level in merged[1:]:
+        if abs(level - unique[-1]) > rtol * max(abs(unique[-1]), 1e-12):
+            unique.append(level)
+    return torch.tensor(unique, dtype=sigmas.dtype)
+
+
+def sample_trajectory(
+    sampler: Sampler, denoiser: Any, x: Tensor, sigmas: Tensor, save_at: Sequence[float], **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """Run ``sampler`` and return (final state, states at ``save_at``) with shape (M, B, ...).
+
+    The requested levels are inserted into the grid, so the states are exact solver states rather
+    than interpolations; levels outside the grid are an error.
+    """
+    low, high = float(sigmas[-1]), float(sigmas[0])
+    for level in save_at:
+        if not low <= level <= high:
+            fail(f"trajectory level {level} is outside the sampling range [{low}, {high}]")
+    grid = insert_sigmas(sigmas, save_at)
+    wanted = {round(float(level), 12) for level in save_at}
+    states: dict[float, Tensor] = {}
+    if round(float(grid[0]), 12) in wanted:
+        states[round(float(grid[0]), 12)] = x.detach().clone()
+
+    def record(info: dict[str, Any]) -> None:
+        level = round(float(info["sigma_next"]), 12)
+        if level in wanted:
+            states[level] = info["x"].detach().clone()
+
+    final = sampler.run(denoiser, x, grid, callback=record, **kwargs)
+    ordered = [states[round(float(level), 12)] for level in save_at]
+    return final, torch.stack(ordered)

@@ -1,0 +1,161 @@
+"""The sampling job behind ``sample.py``: build model and sampler from config, generate by seed, save.
+
+Samples are generated in batches of seeds; each finished batch is written as a shard (atomic),
+so memory stays flat in the number of samples and a rerun with the same config only generates
+the missing seeds. The final ``samples.npz`` (uint8 images, labels, seeds) is streamed together
+from the shards; ``grid.png`` and ``run.json`` are written last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from fastsample.samplers import Sampler
+from fastsample.utils.errors import check_choice, fail
+from fastsample.utils.images import save_grid, to_uint8
+from fastsample.utils.io import save_npz_atomic, write_json_atomic
+from fastsample.utils.npz import stream_npz
+from fastsample.utils.seeding import SeedNoise, parse_seeds
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` (a :class:`fastsample.diffusion.Denoiser`) in eval mode on ``device``."""
+    model = instantiate(cfg.model)
+    return model.to(device).eval()
+
+
+def build_guidance(cfg: DictConfig) -> Any:
+    """The guidance callable of ``cfg.guidance`` (``None`` for ``guidance=none``)."""
+    node = cfg.get("guidance")
+    if node is None or "_target_" not in node:
+        return None
+    return instantiate(node)
+
+
+def labels_for(seeds: list[int], mode: Any, num_classes: int | None) -> torch.Tensor | None:
+    """Class labels per seed: ``None`` (unconditional), ``cycle`` (seed mod classes) or a fixed class."""
+    if mode is None:
+        return None
+    if not num_classes:
+        fail("class_labels is set but the model is not class-conditional; use class_labels=null")
+    if mode == "cycle":
+        return torch.tensor([seed % num_classes for seed in seeds])
+    if not isinstance(mode, int) or not 0 <= mode < num_classes:
+        fail(f"class_labels={mode!r} is not allowed; choose null, cycle or a class in [0, {num_classes - 1}]")
+    return torch.full((len(seeds),), mode)
+
+
+def data_shape(cfg: DictConfig, model: Any) -> tuple[int, ...]:
+    """The shape of one sample: the model's, or ``cfg.shape`` checked against it."""
+    shape = getattr(model, "image_shape", None)
+    if cfg.get("shape") is not None:
+        requested = tuple(cfg.shape)
+        if shape is not None and requested != tuple(shape):
+            fail(f"shape={list(requested)} does not match the model's data shape {list(shape)}")
+        shape = requested
+    if shape is None:
+        fail("the model does not declare its data shape; set shape=[C,H,W]")
+    return tuple(shape)
+
+
+def generate_batch(
+    sampler: Sampler,
+    model: Any,
+    seeds: list[int],
+    shape: tuple[int, ...],
+    labels: torch.Tensor | None,
+    guidance: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """Sample one batch of seeds; noise and stochastic steps come from per-seed generators."""
+    noise_source = SeedNoise(seeds)
+    noise = noise_source.randn(shape, device=device)
+    cond = {"class_labels": labels.to(device)} if labels is not None else None
+    return sampler.sample(model, noise, cond=cond, guidance=guidance, generator=noise_source)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the sampling job described by ``cfg``; returns the run summary (also in run.json)."""
+    check_choice("precision", cfg.get("precision", "float32"), ("float32", "float64"))
+    out_dir = Path(cfg.output_dir)
+    seeds = parse_seeds(cfg.seeds)
+    if not seeds:
+        fail("seeds is empty; give e.g. seeds=0-63")
+    if cfg.batch_size < 1:
+        fail(f"batch_size={cfg.batch_size} is not allowed; use a positive integer")
+    device = resolve_device(cfg.device)
+    sampler: Sampler = instantiate(cfg.sampler)
+    model = build_model(cfg, device)
+    if cfg.get("precision") == "float64":
+        model = model.double()
+    shape = data_shape(cfg, model)
+    guidance = build_guidance(cfg)
+    labels = labels_for(seeds, cfg.get("class_labels"), getattr(model, "num_classes", None))
+    shard_dir = out_dir / "shards"
+    batches = [seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
+    start, generated = time.perf_counter(), 0
+    for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, unit="batch"):
+        shard = shard_dir / f"seeds-{batch[0]:08d}-{batch[-1]:08d}.npz"
+        if shard.exists():
+            continue  # finished by an earlier, interrupted run of the same config
+        batch_labels = labels[[seeds.index(s) for s in batch]] if labels is not None else None
+        with torch.no_grad():
+            images = generate_batch(sampler, model, batch, shape, batch_labels, guidance, device)
+        label_array = (batch_labels if batch_labels is not None else torch.full((len(batch),), -1)).numpy()
+        save_npz_atomic(
+            shard,
+            images=to_uint8(images.float()) if images.ndim == 4 else images.cpu().numpy(),
+            labels=label_array,
+            seeds=np.asarray(batch),
+        )
+        generated += len(batch)
+    elapsed = time.perf_counter() - start
+    shards = [shard_dir / f"seeds-{b[0]:08d}-{b[-1]:08d}.npz" for b in batches]
+    stream_npz(shards, out_dir / "samples.npz")
+    save_first_grid(shards, out_dir / "grid.png", cfg.get("grid_size", 64))
+    summary = {
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "schedule": sampler.schedule.kind,
+        "knobs": dict(sampler.knobs),
+        "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
+        "samples": len(seeds),
+        "generated_this_run": generated,
+        "wall_time_s": round(elapsed, 3),
+        "images_per_s": round(generated / elapsed, 2) if generated and elapsed > 0 else None,
+        "device": str(device),
+        "output_dir": str(out_dir),
+    }
+    write_json_atomic(out_dir / "run.json", summary)
+    return summary
+
+
+def save_first_grid(shards: list[Path], path: Path, count: int) -> None:
+    """Save the first ``count`` samples (image data only) as a PNG grid."""
+    images: list[np.ndarray] = []
+    for shard in shards:
+        with np.load(shard) as data:
+            images.append(data["images"][: count - sum(map(len, images))])
+        if sum(map(len, images)) >= count:
+            break
+    batch = np.concatenate(images)
+    if batch.ndim == 4:
+        save_grid(batch, path)

@@ -1,0 +1,71 @@
+"""User-facing errors: one clear line, a non-zero exit, no traceback unless asked.
+
+Code anywhere in the package raises :class:`UserError` (or a subclass) for bad input: an unknown
+option, an invalid number, a missing file. The entry points catch it in :func:`run_cli`, print
+``error: <message>`` on stderr and exit with ``exit_code``. ``FASTSAMPLE_DEBUG=1`` re-raises so the
+traceback is shown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
+
+
+class UserError(Exception):
+    """Bad input from the user; the message names the setting and what is allowed."""
+
+    exit_code = 2
+
+
+class NumericalError(UserError):
+    """A model or sampler produced non-finite values."""
+
+    exit_code = 3
+
+
+def fail(message: str) -> NoReturn:
+    """Raise a :class:`UserError` with ``message``."""
+    raise UserError(message)
+
+
+def check_choice(setting: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Fail unless ``value`` is one of ``allowed``, naming the setting and the choices."""
+    allowed = list(allowed)
+    if value not in allowed:
+        fail(f"{setting}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_range(
+    setting: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Fail unless ``low <= value <= high`` (inclusivity configurable), naming the setting."""
+    ok = True
+    if low is not None:
+        ok &= value >= low if low_inclusive else value > low
+    if high is not None:
+        ok &= value <= high if high_inclusive else value < high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
+        fail(f"{setting}={value!r} is out of range; allowed: {interval}")
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Run an entry point, turning :class:`UserError` into one stderr line and its exit code."""
+    try:
+        return main()
+    except UserError as err:
+        if os.environ.get("FASTSAMPLE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -1,0 +1,64 @@
+"""Per-sample random streams: the same seed gives the same sample whatever the batch size.
+
+Following EDM's per-seed generators, each sample owns a ``torch.Generator`` seeded with its seed;
+the initial noise and every noise draw of a stochastic sampler come from that stream. Batching
+only stacks rows, so batch size and process count cannot change a sample. Streams live on the CPU
+so CPU and GPU runs draw the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class SeedNoise:
+    """One CPU generator per sample seed; ``randn_like(x)`` draws row ``k`` from seed ``k``."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = [int(seed) for seed in seeds]
+        self.generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def randn(
+        self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """A ``(len(seeds), *shape)`` standard normal tensor."""
+        rows = [torch.randn(tuple(shape), generator=gen, dtype=torch.float32) for gen in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``x`` (one row per seed)."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"batch of {x.shape[0]} rows but {len(self.generators)} seeds")
+        return self.randn(x.shape[1:], x.dtype, x.device)
+
+
+def randn_like(x: Tensor, generator: SeedNoise | torch.Generator | None = None) -> Tensor:
+    """Standard normal noise like ``x`` from a :class:`SeedNoise`, a ``torch.Generator`` or the global RNG."""
+    if isinstance(generator, SeedNoise):
+        return generator.randn_like(x)
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
+    """Parse ``"0-99"``, ``"0,5,7"``, ``"0-9,20"``, an int count or a list into a list of seeds."""
+    if isinstance(spec, int):
+        return list(range(spec))
+    if not isinstance(spec, str):
+        return [int(s) for s in spec]
+    seeds: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            first, last = part.split("-")
+            seeds.extend(range(int(first), int(last) + 1))
+        elif part:
+            seeds.append(int(part))
+    return seeds
