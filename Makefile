@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test test-slow lint format bench pretrain clean
+.PHONY: help install data demo test test-slow lint format bench pretrain pretrain-diffusion \
+	pretrain-classifier pretrain-guidance-classifier clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-28s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,28 @@ format: install  ## ruff format + autofix
 
 bench: install data  ## benchmarks under bench/ (print tables)
 	$(PY) bench/sampler_overhead.py
+
+# Shipped models: train into $(PRETRAIN_DIR)/<name> (rerunning resumes from its last checkpoint), then
+# install the exported bundle into fastsample/assets (copy + rename, so a failed copy leaves no partial file).
+PRETRAIN_DIR ?= outputs/pretrain
+ASSETS := fastsample/assets
+TRAIN_ARGS ?=
+define pretrain_recipe
+	$(PY) train.py experiment=$(1) hydra.run.dir=$(PRETRAIN_DIR)/$(2) ckpt_path=last $(TRAIN_ARGS)
+	cp $(PRETRAIN_DIR)/$(2)/model.pt $(ASSETS)/.$(3).tmp && mv $(ASSETS)/.$(3).tmp $(ASSETS)/$(3)
+	@echo "installed $(ASSETS)/$(3)"
+endef
+
+pretrain: pretrain-diffusion pretrain-classifier  ## train the shipped Fashion-MNIST models into fastsample/assets
+
+pretrain-diffusion: install data  ## the diffusion model (experiment=pretrain_fmnist) -> assets/fmnist_diffusion.pt
+	$(call pretrain_recipe,pretrain_fmnist,diffusion,fmnist_diffusion.pt)
+
+pretrain-classifier: install data  ## the clean classifier (experiment=pretrain_classifier) -> assets/fmnist_classifier.pt
+	$(call pretrain_recipe,pretrain_classifier,classifier,fmnist_classifier.pt)
+
+pretrain-guidance-classifier: install data  ## a noisy guidance classifier -> assets/fmnist_guidance_classifier.pt
+	$(call pretrain_recipe,pretrain_guidance_classifier,guidance_classifier,fmnist_guidance_classifier.pt)
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache wandb lightning_logs

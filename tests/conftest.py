@@ -14,6 +14,19 @@ from fastsample.diffusion import EDMDenoiser
 from fastsample.models.gmm import GaussianMixture
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a test module with one intra-op thread (restored afterwards).
+
+    The solver tests evaluate tiny tensors thousands of times; extra threads only add
+    synchronisation, and on a busy 2-core machine they make such tests several times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def toy_gmm() -> GaussianMixture:
     """Two anisotropic 2-D Gaussians (one per class), float64, trained range [0.02, 80]."""
@@ -53,8 +66,9 @@ class TinyNet(nn.Module):
         self.class_embed = nn.Embedding(num_classes + 1, width)  # last index: the null label
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         noise_labels = torch.as_tensor(noise_labels, dtype=x.dtype, device=x.device).reshape(-1, 1)
         emb = self.noise_embed(noise_labels.expand(x.shape[0], 1))
         if class_labels is not None:
@@ -83,4 +97,3 @@ def tiny_net_denoiser() -> EDMDenoiser:
 def tiny_net_factory():
     """:func:`make_tiny_net_denoiser` itself, for tests that need another dtype or several copies."""
     return make_tiny_net_denoiser
-

@@ -64,8 +64,11 @@ def run_cli(main: Callable[[], Any]) -> Any:
     """Run an entry point, turning :class:`UserError` into one stderr line and its exit code."""
     try:
         return main()
-    except UserError as err:
-        if os.environ.get("FASTSAMPLE_DEBUG"):
+    except Exception as err:
+        from fastsample.utils.config import user_error_in
+
+        cause = user_error_in(err)
+        if cause is None or os.environ.get("FASTSAMPLE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(cause.exit_code)

@@ -1,0 +1,1 @@
+"""LightningModules: thin wrappers that call the plain modules in fastsample.diffusion / models."""

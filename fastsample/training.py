@@ -1,0 +1,69 @@
+"""The training job behind ``train.py``: data, task module, trainer, callbacks, loggers; fit; export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from fastsample.data.datamodule import per_device_batch_size
+from fastsample.utils.errors import fail
+from fastsample.utils.instantiation import instantiate
+
+
+def instantiate_group(node: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, logger); skips null entries."""
+    if not node:
+        return []
+    return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
+
+
+def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` resumes from ``<output_dir>/checkpoints/last.ckpt`` if it exists (else starts fresh)."""
+    if ckpt_path in (None, "", "none"):
+        return None
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).exists():
+        fail(f"ckpt_path={ckpt_path!r} does not exist; use null, last, or an existing .ckpt file")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit ``cfg.task`` on ``cfg.dataset``; export the model; return the final logged metrics."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.output_dir)
+    datamodule = instantiate(cfg.dataset)
+    module = instantiate(cfg.task, _recursive_=False)
+    check_shapes(module, datamodule)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+                                      logger=instantiate_group(cfg.get("logger")) or False)
+    if isinstance(getattr(datamodule, "batch_size", None), int):  # fail before any process is launched
+        per_device_batch_size(datamodule.batch_size, trainer.world_size)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_checkpoint(cfg.get("ckpt_path"), output_dir))
+    if cfg.get("export") and trainer.is_global_zero and hasattr(module, "export"):
+        module.export(output_dir / "model.pt")
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+
+
+def check_shapes(module: Any, datamodule: Any) -> None:
+    """Fail early when the backbone's input shape or class count differs from the data's."""
+    name = getattr(datamodule, "hparams", {}).get("name", type(datamodule).__name__)
+    model_shape = getattr(module, "image_shape", None)
+    data_shape = getattr(datamodule, "data_shape", None)
+    if model_shape and data_shape and tuple(model_shape) != tuple(data_shape):
+        fail(f"the network expects images of shape {tuple(model_shape)} but dataset {name!r} "
+             f"gives {tuple(data_shape)}; set task.net.in_channels / task.net.image_size "
+             "(or dataset.resolution)")
+    model_classes = getattr(module, "num_classes", None)
+    if model_classes and hasattr(datamodule, "num_classes"):
+        data_classes = datamodule.num_classes
+        if data_classes is None:
+            fail(f"task.net.num_classes={model_classes} needs class labels but dataset {name!r} has none "
+                 "(dataset.labels=false or unlabeled data); set task.net.num_classes=null or use labels")
+        if data_classes != model_classes:
+            fail(f"task.net.num_classes={model_classes} but dataset {name!r} has {data_classes} classes; "
+                 f"set task.net.num_classes={data_classes}")

@@ -1,0 +1,39 @@
+"""Hydra instantiation that keeps :class:`UserError` a UserError.
+
+``hydra.utils.instantiate`` wraps every exception raised by a ``_target_`` in an
+``InstantiationException``, so a clear "dataset.name='foo' is not allowed" would surface as a
+traceback of Hydra internals. :func:`instantiate` re-raises the original UserError instead;
+:func:`find_user_error` digs one out of any exception chain (for entry points and tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra.utils
+
+from fastsample.utils.errors import UserError
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The first :class:`UserError` in ``error``'s ``__cause__`` / ``__context__`` chain, or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a UserError raised while building is re-raised unwrapped."""
+    try:
+        return hydra.utils.instantiate(config, *args, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        raise user_error from None
