@@ -41,6 +41,16 @@ def load_images(cfg, count: int, random: bool) -> np.ndarray:
     return np.concatenate([pixels] * repeats)[:count]
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """float32 matmul throughput of this machine right now (to compare runs on busy machines)."""
+    a = torch.randn(size, size)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9
+
+
 def timed(fn):
     start = time.perf_counter()
     value = fn()
@@ -72,7 +82,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, float
             ("KID (100 subsets of 1000)", kid_s, n),
             (f"precision / recall (k=3, {n} vs {n - half})", pr_s, n)]
     print(f"extractor {evaluator.extractor.name} on {device}, {torch.get_num_threads()} threads, "
-          f"{n} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, batch {args.batch_size}")
+          f"{n} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, batch {args.batch_size}; "
+          f"machine: {matmul_gflops():.0f} GFLOP/s float32 matmul")
     print()
     print("| stage | seconds | images / s |")
     print("|---|---:|---:|")

@@ -114,6 +114,7 @@ MISSING_DATA = {"cifar10": "cifar", "mnist": "mnist", "image_folder": "dataset.r
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_option(name: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"dataset={name}"], tmp_path)
+    assert compose_config("sample", [f"dataset={name}"], tmp_path).dataset == cfg.dataset  # both entry points
     datamodule = instantiate(cfg.dataset)
     absent = name in MISSING_DATA or (name == "fashion_mnist" and not FMNIST_PRESENT)
     if absent:  # no data on this machine: the error says where it looked / what to set

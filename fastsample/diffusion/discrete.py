@@ -52,7 +52,7 @@ class DiscreteSchedule(nn.Module):
 
     def sigma_to_t(self, sigma: Tensor, mode: str = "continuous") -> Tensor:
         """Map sigmas to timesteps: fractional by log-sigma interpolation, or the nearest integer."""
-        log_sigma = sigma.to(self.log_sigmas).clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        log_sigma = sigma.to(self.log_sigmas).log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
         distances = log_sigma[:, None] - self.log_sigmas[None, :]
         if mode == "nearest":
             return distances.abs().argmin(dim=1).to(sigma.dtype)

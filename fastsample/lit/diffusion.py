@@ -12,7 +12,7 @@ from fastsample.diffusion.build import wrap_network
 from fastsample.diffusion.denoiser import Denoiser
 from fastsample.diffusion.losses import ddpm_loss, edm_loss
 from fastsample.models.ema import make_ema
-from fastsample.utils.config import instantiate
+from fastsample.utils.instantiation import instantiate
 from fastsample.utils.errors import check_choice, check_range
 
 OBJECTIVES = ("edm", "ddpm")

@@ -198,7 +198,7 @@ class GaussianMixture(Denoiser):
                 parts.append((len(cluster) / len(flat), *_pca(cluster, rank, min_variance), label))
         weights, means, bases, var_top, var_rest, comp_labels = zip(*parts)
         return cls(
-            torch.tensor(weights),
+            torch.tensor(weights, dtype=torch.float64),
             torch.stack(means),
             torch.stack(bases),
             torch.stack(var_top),

@@ -7,11 +7,11 @@ Input convention (one place, used by training, guidance, metrics and exported cl
   tensor or a ``(B,)`` tensor.
 * ``kind="edm"`` (noise-conditioned guidance classifier, ``task.noisy=true``)::
 
-      logits = net(x / sqrt(sigma**2 + sigma_data**2), log(max(sigma, sigma_min)) / 4)
+      s = max(sigma, sigma_min)
+      logits = net(x / sqrt(s**2 + sigma_data**2), log(s) / 4)
 
-  i.e. EDM's ``c_in`` and ``c_noise``, so the raw network sees unit-variance input at every noise level.
-  Sigmas below ``sigma_min`` (including 0) are treated as ``sigma_min``, which makes ``sigma=0`` (clean
-  images) well defined.
+  i.e. EDM's ``c_in`` and ``c_noise``, so the raw network sees inputs of similar scale at every noise
+  level. Clamping at ``sigma_min`` makes ``sigma=0`` (clean images) well defined.
 * ``kind="clean"`` (``task.noisy=false``)::
 
       logits = net(x, noise_label)          # noise_label = 0.0, sigma is ignored (may be omitted)

@@ -140,16 +140,16 @@ def sample_trajectory(
         if not low <= level <= high:
             fail(f"trajectory level {level} is outside the sampling range [{low}, {high}]")
     grid = insert_sigmas(sigmas, save_at)
-    wanted = {round(float(level), 12) for level in save_at}
-    states: dict[float, Tensor] = {}
-    if round(float(grid[0]), 12) in wanted:
-        states[round(float(grid[0]), 12)] = x.detach().clone()
+    # Record by position in the grid, not by value: float32 runs and near-duplicate levels would
+    # otherwise miss the lookup.
+    positions = [int((grid - float(level)).abs().argmin()) for level in save_at]
+    states: dict[int, Tensor] = {}
+    if 0 in positions:
+        states[0] = x.detach().clone()
 
     def record(info: dict[str, Any]) -> None:
-        level = round(float(info["sigma_next"]), 12)
-        if level in wanted:
-            states[level] = info["x"].detach().clone()
+        if info["i"] + 1 in positions:
+            states[info["i"] + 1] = info["x"].detach().clone()
 
     final = sampler.run(denoiser, x, grid, callback=record, **kwargs)
-    ordered = [states[round(float(level), 12)] for level in save_at]
-    return final, torch.stack(ordered)
+    return final, torch.stack([states[position] for position in positions])

@@ -65,9 +65,9 @@ def run_cli(main: Callable[[], Any]) -> Any:
     try:
         return main()
     except Exception as err:
-        from fastsample.utils.config import user_error_in
+        from fastsample.utils.instantiation import find_user_error
 
-        cause = user_error_in(err)
+        cause = find_user_error(err)
         if cause is None or os.environ.get("FASTSAMPLE_DEBUG"):
             raise
         print(f"error: {cause}", file=sys.stderr)
