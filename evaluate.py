@@ -14,8 +14,10 @@ def main(cfg: DictConfig) -> float:
     """Run the evaluation job; returns the FID (NaN when not computed) for sweeps."""
     summary = run_cli(lambda: evaluate(cfg))
     if summary["mode"] == "ref":
-        print(f"reference statistics: {summary['describe']} -> {summary['reference']} "
-              f"({summary['wall_time_s']} s)")
+        print(
+            f"reference statistics: {summary['describe']} -> {summary['reference']} "
+            f"({summary['wall_time_s']} s)"
+        )
         return math.nan
     print(format_metrics(summary["metrics"]))
     print(f"metrics -> {summary['output_dir']}/metrics.json")

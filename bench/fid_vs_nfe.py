@@ -40,14 +40,18 @@ COLUMNS = ["sampler", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help="comma-separated conf/sampler names")
     parser.add_argument("--steps", default="5,10,20", help="comma-separated step counts")
     parser.add_argument("--num-samples", type=int, default=500, help="samples per (sampler, steps)")
     parser.add_argument("--model", default="gmm_fmnist", help="conf/model config")
-    parser.add_argument("--dataset", default=None, help="conf/dataset config of the reference (default: the "
-                                                          "evaluate.yaml default, fashion_mnist)")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="conf/dataset config of the reference (default: the evaluate.yaml default, fashion_mnist)",
+    )
     parser.add_argument("--metrics", default="classifier", help="conf/metrics config (feature extractor)")
     parser.add_argument("--split", default="test", help="reference split (test: 10k images, quick to build)")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -77,8 +81,15 @@ def exact_row(model, evaluator, seeds: list[int], batch_size: int) -> dict | Non
             yield images.float().cpu()
 
     scores = evaluator.score_images(batches(), what="exact mixture samples")
-    return {"sampler": "exact", "steps": 0, "nfe": 0, "fid": scores["fid"], "kid": scores.get("kid_mean"),
-            "sampling_s": None, "ms_per_image": None}
+    return {
+        "sampler": "exact",
+        "steps": 0,
+        "nfe": 0,
+        "fid": scores["fid"],
+        "kid": scores.get("kid_mean"),
+        "sampling_s": None,
+        "ms_per_image": None,
+    }
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
@@ -86,9 +97,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
     samplers = [name for name in args.samplers.split(",") if name]
     steps_list = [int(n) for n in args.steps.split(",") if n]
     seeds = list(range(args.num_samples))
-    base = [f"model={args.model}", f"metrics={args.metrics}", f"split={args.split}", f"device={args.device}",
-            f"batch_size={args.batch_size}", f"seeds={args.num_samples}", f"paths.output_dir={out}",
-            "evaluator.scores=[fid,kid]", "evaluator.kid_subsets=50"]
+    base = [
+        f"model={args.model}",
+        f"metrics={args.metrics}",
+        f"split={args.split}",
+        f"device={args.device}",
+        f"batch_size={args.batch_size}",
+        f"seeds={args.num_samples}",
+        f"paths.output_dir={out}",
+        "evaluator.scores=[fid,kid]",
+        "evaluator.kid_subsets=50",
+    ]
     if args.dataset:
         base.append(f"dataset={args.dataset}")
     base += overrides
@@ -103,8 +122,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
     labels = labels_for(seeds, cfg.get("class_labels"), getattr(model, "num_classes", None))
     guidance = build_guidance(cfg)
     identity = model.identity() if hasattr(model, "identity") else type(model).__name__
-    print(f"model: {identity}; extractor {evaluator.extractor.name}; {len(seeds)} samples on {device}",
-          flush=True)
+    print(
+        f"model: {identity}; extractor {evaluator.extractor.name}; {len(seeds)} samples on {device}",
+        flush=True,
+    )
 
     rows = []
     if not args.no_exact and (row := exact_row(model, evaluator, seeds, args.batch_size)) is not None:
@@ -115,13 +136,32 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
     for name in samplers:
         for steps in steps_list:
             sampler = instantiate(compose([*base, f"sampler={name}", f"sampler.steps={steps}"]).sampler)
-            scores = evaluator.score_sampler(model, sampler, seeds, args.batch_size, shape=shape,
-                                             class_labels=labels, guidance=guidance, device=device)
-            rows.append({"sampler": name, "steps": steps, "nfe": sampler.nfe, "fid": scores["fid"],
-                         "kid": scores.get("kid_mean"), "sampling_s": scores["sampling_s"],
-                         "ms_per_image": 1000 * scores["sampling_s"] / len(seeds)})
-            print(f"  {name:>12} steps {steps:>3} NFE {sampler.nfe:>3}: FID {scores['fid']:.4g} "
-                  f"({scores['sampling_s']:.2f} s)", flush=True)
+            scores = evaluator.score_sampler(
+                model,
+                sampler,
+                seeds,
+                args.batch_size,
+                shape=shape,
+                class_labels=labels,
+                guidance=guidance,
+                device=device,
+            )
+            rows.append(
+                {
+                    "sampler": name,
+                    "steps": steps,
+                    "nfe": sampler.nfe,
+                    "fid": scores["fid"],
+                    "kid": scores.get("kid_mean"),
+                    "sampling_s": scores["sampling_s"],
+                    "ms_per_image": 1000 * scores["sampling_s"] / len(seeds),
+                }
+            )
+            print(
+                f"  {name:>12} steps {steps:>3} NFE {sampler.nfe:>3}: FID {scores['fid']:.4g} "
+                f"({scores['sampling_s']:.2f} s)",
+                flush=True,
+            )
     write_csv(out / "fid_vs_nfe.csv", rows)
     plot(out / "fid_vs_nfe.png", rows, f"{args.model}, {len(seeds)} samples, {evaluator.extractor.name}")
     print()
@@ -146,11 +186,15 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| sampler | steps | NFE | FID | KID | sampling s | ms / image |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| sampler | steps | NFE | FID | KID | sampling s | ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {fmt(row['fid'])} | "
-                     f"{fmt(row['kid'], 3)} | {fmt(row['sampling_s'], 3)} | {fmt(row['ms_per_image'], 3)} |")
+        lines.append(
+            f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {fmt(row['fid'])} | "
+            f"{fmt(row['kid'], 3)} | {fmt(row['sampling_s'], 3)} | {fmt(row['ms_per_image'], 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,6 +203,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure, (by_nfe, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(row["sampler"] for row in rows if row["sampler"] != "exact"):
@@ -173,6 +218,10 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     for axis, label in ((by_nfe, "NFE"), (by_time, "sampling wall time (s)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
+        for scale in (axis.xaxis, axis.yaxis):  # plain numbers at 1, 2, 5 x 10^k
+            scale.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            scale.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            scale.set_minor_formatter(NullFormatter())
         axis.set_xlabel(label)
         axis.set_ylabel("FID (domain features)")
         axis.grid(True, which="both", alpha=0.3)

@@ -61,8 +61,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, float
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"metrics={args.metrics}", f"batch_size={args.batch_size}",
-                                             f"device={args.device}", *overrides])
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                f"metrics={args.metrics}",
+                f"batch_size={args.batch_size}",
+                f"device={args.device}",
+                *overrides,
+            ],
+        )
     images = load_images(cfg, args.num_images, args.random_images)
     device = resolve_device(cfg.device)
     evaluator, load_s = timed(lambda: build_evaluator(cfg, device))
@@ -76,14 +83,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, float
     _, kid_s = timed(lambda: kid(stats.features, other.features, subsets=100, subset_size=1000))
     _, pr_s = timed(lambda: precision_recall(other.features, stats.features, k=3))
     n = len(images)
-    rows = [("load extractor", load_s, 0),
-            (f"features + streaming mean / covariance ({stats.dim}-d)", features_s, n),
-            ("FID (Frechet distance of the statistics)", fid_s, n), ("features + FID", features_s + fid_s, n),
-            ("KID (100 subsets of 1000)", kid_s, n),
-            (f"precision / recall (k=3, {n} vs {n - half})", pr_s, n)]
-    print(f"extractor {evaluator.extractor.name} on {device}, {torch.get_num_threads()} threads, "
-          f"{n} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, batch {args.batch_size}; "
-          f"machine: {matmul_gflops():.0f} GFLOP/s float32 matmul")
+    rows = [
+        ("load extractor", load_s, 0),
+        (f"features + streaming mean / covariance ({stats.dim}-d)", features_s, n),
+        ("FID (Frechet distance of the statistics)", fid_s, n),
+        ("features + FID", features_s + fid_s, n),
+        ("KID (100 subsets of 1000)", kid_s, n),
+        (f"precision / recall (k=3, {n} vs {n - half})", pr_s, n),
+    ]
+    print(
+        f"extractor {evaluator.extractor.name} on {device}, {torch.get_num_threads()} threads, "
+        f"{n} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, batch {args.batch_size}; "
+        f"machine: {matmul_gflops():.0f} GFLOP/s float32 matmul"
+    )
     print()
     print("| stage | seconds | images / s |")
     print("|---|---:|---:|")
@@ -102,8 +114,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--metrics", default="classifier", help="conf/metrics config")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--random-images", action="store_true",
-                        help="random pixels instead of the test split")
+    parser.add_argument(
+        "--random-images", action="store_true", help="random pixels instead of the test split"
+    )
     args, overrides = parser.parse_known_args()
     run_cli(lambda: run(args, overrides))
 

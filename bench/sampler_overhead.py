@@ -46,7 +46,9 @@ def measure(name: str, model: EDMDenoiser, batch: int, steps: int, repeats: int)
         for _ in range(repeats):
             bare.append(statistics.median(time_call(lambda: model(x, sigma)) for _ in range(3)))
             generator = SeedNoise(range(batch))
-            runs.append(time_call(lambda: sampler.sample(model, noise, sigmas=sigmas, generator=generator)))
+            runs.append(
+                time_call(lambda g=generator: sampler.sample(model, noise, sigmas=sigmas, generator=g))
+            )
     call, run = statistics.median(bare), statistics.median(runs)
     return {"nfe": sampler.nfe, "call_s": call, "run_s": run, "overhead": run / (sampler.nfe * call)}
 
@@ -61,14 +63,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(args.image_size)
-    print(f"batch {args.batch}, {args.steps} steps, unet_tiny {args.image_size}x{args.image_size}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"batch {args.batch}, {args.steps} steps, unet_tiny {args.image_size}x{args.image_size}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| sampler | NFE | model call (s) | sampler run (s) | overhead |")
     print("|---|---:|---:|---:|---:|")
     for name in args.samplers.split(","):
         row = measure(name, model, args.batch, args.steps, args.repeats)
-        print(f"| {name} | {row['nfe']} | {row['call_s']:.4f} | {row['run_s']:.3f} | {row['overhead']:.3f} |",
-              flush=True)
+        print(
+            f"| {name} | {row['nfe']} | {row['call_s']:.4f} | {row['run_s']:.3f} | {row['overhead']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

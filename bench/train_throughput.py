@@ -38,8 +38,9 @@ TARGET_RATIO = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--net", default=str(ROOT / "conf/model/net/unet_fmnist.yaml"), help="network config")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
@@ -106,9 +107,18 @@ class StepTimer(pl.Callback):
 def lightning_loop(module: DiffusionModule, datamodule: ImageDataModule, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` steps of ``Trainer.fit`` (no logger, checkpoints, progress bar or validation)."""
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     torch.manual_seed(1)
     trainer.fit(module, datamodule=datamodule)
     return timer.end - timer.start
@@ -132,9 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     ratio = medians["Lightning"] / medians["plain PyTorch"]
     params = sum(p.numel() for p in make_module(args.net).net.parameters())
-    print(f"\n{Path(args.net).stem} ({params / 1e6:.2f}M params), {data_name}, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup}, {args.repeats} interleaved repeats, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"\n{Path(args.net).stem} ({params / 1e6:.2f}M params), {data_name}, batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup}, {args.repeats} interleaved repeats, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| loop | images/s (median) | runs |")
     print("|---|---:|---|")
     for name, values in rates.items():

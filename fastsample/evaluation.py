@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -64,6 +65,7 @@ SAMPLE_KEYS = ("images", "arr_0")  # ours (sample.py); OpenAI / ADM-style sample
 DEFAULT_CLASSIFIER = "fmnist_classifier.pt"  # shipped asset (fastsample.models.bundle.asset_path)
 
 ImageBatch = torch.Tensor | np.ndarray
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,8 +96,9 @@ def save_reference_file(path: str | os.PathLike, ref: Reference) -> Reference:
     # Unknown metadata is omitted rather than stored as a sentinel (as in metrics.save_reference).
     metadata = {key: np.array(value) for key, value in ref.metadata().items() if value is not None}
     extra = {} if ref.features is None else {"features": np.asarray(ref.features, dtype=np.float32)}
-    save_npz_atomic(path, mu=np.asarray(ref.mu, np.float64), sigma=np.asarray(ref.sigma, np.float64),
-                    **metadata, **extra)
+    save_npz_atomic(
+        path, mu=np.asarray(ref.mu, np.float64), sigma=np.asarray(ref.sigma, np.float64), **metadata, **extra
+    )
     return dataclasses.replace(ref, path=str(path))
 
 
@@ -105,8 +108,10 @@ def read_reference(path: str | os.PathLike) -> Reference:
     with np.load(path, allow_pickle=False) as data:
         features = data["features"] if "features" in data.files else None
     if features is not None and (features.ndim != 2 or features.shape[1] != len(ref.mu)):
-        fail(f"reference statistics file {str(path)!r}: features must be (N, {len(ref.mu)}), "
-             f"got {features.shape}")
+        fail(
+            f"reference statistics file {str(path)!r}: features must be (N, {len(ref.mu)}), "
+            f"got {features.shape}"
+        )
     return as_reference(ref, features)
 
 
@@ -114,8 +119,9 @@ def read_reference(path: str | os.PathLike) -> Reference:
 # Feature extractors from config (conf/metrics/*.yaml)
 
 
-def classifier_features(path: str | os.PathLike | None = None,
-                        noise_label: float | None = None) -> ClassifierFeatures:
+def classifier_features(
+    path: str | os.PathLike | None = None, noise_label: float | None = None
+) -> ClassifierFeatures:
     """Domain-classifier features ("Frechet classifier distance") from a classifier bundle file.
 
     ``path`` defaults to the shipped Fashion-MNIST classifier (``fmnist_classifier.pt`` in
@@ -165,24 +171,29 @@ def check_image_batch(batch: Any, what: str = "samples") -> tuple[int, int, int]
         fail(f"{what}: expected arrays of images, got {type(batch).__name__}")
     dtype = batch.dtype
     is_uint8 = dtype in (torch.uint8, np.uint8)
-    is_float = (batch.is_floating_point() if isinstance(batch, torch.Tensor)
-                else np.issubdtype(dtype, np.floating))
+    is_float = (
+        batch.is_floating_point() if isinstance(batch, torch.Tensor) else np.issubdtype(dtype, np.floating)
+    )
     shape = tuple(batch.shape)
     if is_uint8:
         if len(shape) != 4 or shape[-1] not in (1, 3):
             fail(f"{what}: uint8 images must be (N, H, W, C) with C = 1 or 3, got shape {shape}")
         return shape[3], shape[1], shape[2]
     if not is_float:
-        fail(f"{what}: images must be uint8 (N, H, W, C) in [0, 255] or float (N, C, H, W) in [-1, 1], "
-             f"got dtype {dtype}")
+        fail(
+            f"{what}: images must be uint8 (N, H, W, C) in [0, 255] or float (N, C, H, W) in [-1, 1], "
+            f"got dtype {dtype}"
+        )
     if len(shape) != 4 or shape[1] not in (1, 3):
         fail(f"{what}: float images must be (N, C, H, W) with C = 1 or 3, in [-1, 1], got shape {shape}")
     if shape[0]:
         values = torch.as_tensor(batch)
         low, high = float(values.min()), float(values.max())
         if low >= 0.0 and high > 2.0:
-            fail(f"{what}: float images must be in [-1, 1], got values in [{low:g}, {high:g}] "
-                 "(0-255 pixels? pass them as uint8 (N, H, W, C))")
+            fail(
+                f"{what}: float images must be in [-1, 1], got values in [{low:g}, {high:g}] "
+                "(0-255 pixels? pass them as uint8 (N, H, W, C))"
+            )
     return shape[1], shape[2], shape[3]
 
 
@@ -198,33 +209,58 @@ class Evaluator:
         reference: reference statistics, a path to a reference ``.npz``, or ``None`` (only IS then).
         scores: which of ``fid``, ``is`` (needs logits), ``kid``, ``pr`` (both need reference features).
         batch_size: images per extractor call.
-        keep_features: raw feature rows kept per set (samples and reference) for KID and PR.
+        keep_features: raw feature rows kept per set (samples and reference) for KID and PR; PR uses
+            as many reference rows as there are sample rows (a seeded subset).
         kid_subsets, kid_subset_size: KID's random subsets.
         pr_k: the k of the k-NN manifolds of precision / recall.
         is_splits: Inception Score splits (fewer when there are fewer samples).
         device: where the extractor runs (default: where it is).
+        progress: show a progress bar over feature batches.
     """
 
-    def __init__(self, extractor: FeatureExtractor,
-                 reference: ReferenceStats | str | os.PathLike | None = None, *,
-                 scores: Sequence[str] = SCORES, batch_size: int = 250, keep_features: int = 10_000,
-                 keep_logits: int = 50_000, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                 pr_k: int = 3, is_splits: int = 10, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        reference: ReferenceStats | str | os.PathLike | None = None,
+        *,
+        scores: Sequence[str] = SCORES,
+        batch_size: int = 250,
+        keep_features: int = 10_000,
+        keep_logits: int = 50_000,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        pr_k: int = 3,
+        is_splits: int = 10,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> None:
         if not isinstance(extractor, FeatureExtractor):
-            fail(f"the feature extractor must be a fastsample.metrics.FeatureExtractor, "
-                 f"got {type(extractor).__name__}; wrap a plain module with ModuleFeatures")
+            fail(
+                f"the feature extractor must be a fastsample.metrics.FeatureExtractor, "
+                f"got {type(extractor).__name__}; wrap a plain module with ModuleFeatures"
+            )
         for score in scores:
             check_choice("scores", score, SCORES)
-        for setting, value, low in (("batch_size", batch_size, 1), ("keep_features", keep_features, 0),
-                                    ("keep_logits", keep_logits, 0), ("kid_subsets", kid_subsets, 1),
-                                    ("kid_subset_size", kid_subset_size, 2), ("pr_k", pr_k, 1),
-                                    ("is_splits", is_splits, 1)):
+        for setting, value, low in (
+            ("batch_size", batch_size, 1),
+            ("keep_features", keep_features, 0),
+            ("keep_logits", keep_logits, 0),
+            ("kid_subsets", kid_subsets, 1),
+            ("kid_subset_size", kid_subset_size, 2),
+            ("pr_k", pr_k, 1),
+            ("is_splits", is_splits, 1),
+        ):
             check_range(setting, value, low=low)
         self.extractor = extractor if device is None else extractor.to(device)
         self.scores = tuple(scores)
         self.batch_size, self.keep_features, self.keep_logits = batch_size, keep_features, keep_logits
         self.kid_subsets, self.kid_subset_size, self.pr_k, self.is_splits = (
-            kid_subsets, kid_subset_size, pr_k, is_splits)
+            kid_subsets,
+            kid_subset_size,
+            pr_k,
+            is_splits,
+        )
+        self.progress = progress
         self._reference: Reference | None = None
         self.reference = reference
 
@@ -243,11 +279,18 @@ class Evaluator:
             ref = as_reference(ref)
         self._reference = ref
 
-    def build_reference(self, source: Any, *, split: str = "train", dataset: str | None = None,
-                        path: str | os.PathLike | None = None) -> Reference:
+    def build_reference(
+        self,
+        source: Any,
+        *,
+        split: str = "train",
+        dataset: str | None = None,
+        path: str | os.PathLike | None = None,
+    ) -> Reference:
         """Reference statistics of a data set: a DataModule (its ``split``) or images / image batches.
 
-        Keeps up to ``keep_features`` raw feature rows (the first ones, in data order) for KID / PR.
+        Keeps up to ``keep_features`` raw feature rows for KID / PR (from a DataModule: a seeded random
+        sample; from images: the first ones).
         With ``path`` the result is also written there (atomically). Does not change
         :attr:`reference`; assign the result to use it.
         """
@@ -255,13 +298,28 @@ class Evaluator:
             from torch.utils.data import DataLoader
 
             dataset = dataset or getattr(source, "name", None) or type(source).__name__
-            images: Any = DataLoader(source.dataset(split), batch_size=self.batch_size, shuffle=False)
+            # A seeded shuffle: the statistics do not depend on the order, but the kept raw features
+            # are then a uniform sample even of data stored class by class (image folders).
+            images: Any = DataLoader(
+                source.dataset(split),
+                batch_size=self.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(0),
+            )
         else:
             images = source
         stats, shape = self._extract(images, what=f"reference images ({dataset or 'data'}/{split})")
-        ref = Reference(stats.mu, stats.sigma, extractor=self.extractor.name,
-                        weights_hash=self.extractor.weights_hash, dataset=dataset, split=split,
-                        count=stats.count, resolution=shape[1] if shape else None, features=stats.features)
+        ref = Reference(
+            stats.mu,
+            stats.sigma,
+            extractor=self.extractor.name,
+            weights_hash=self.extractor.weights_hash,
+            dataset=dataset,
+            split=split,
+            count=stats.count,
+            resolution=shape[1] if shape else None,
+            features=stats.features,
+        )
         if path is not None:
             ref = save_reference_file(path, ref)
         return ref
@@ -276,35 +334,57 @@ class Evaluator:
         expected = expected_input_shape(self.extractor)
         shape: tuple[int, int, int] | None = None
         if not isinstance(images, (torch.Tensor, np.ndarray, Iterable)):
-            fail(f"{what}: expected an image array or an iterable of image batches, "
-                 f"got {type(images).__name__}")
-        for batch in iter_batches(images, self.batch_size):
+            fail(
+                f"{what}: expected an image array or an iterable of image batches, "
+                f"got {type(images).__name__}"
+            )
+        from tqdm import tqdm
+
+        batches = tqdm(
+            iter_batches(images, self.batch_size),
+            desc=f"features of {what}",
+            total=_batch_count(images, self.batch_size),
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        for batch in batches:
             batch_shape = check_image_batch(batch, what)
             if shape is None:
                 shape = batch_shape
                 self._check_shape(shape, expected, what)
             elif batch_shape != shape:
-                fail(f"{what}: image shape changed from {_shape_text(shape)} to {_shape_text(batch_shape)} "
-                     "(C x H x W) between batches")
+                fail(
+                    f"{what}: image shape changed from {_shape_text(shape)} to {_shape_text(batch_shape)} "
+                    "(C x H x W) between batches"
+                )
             if len(batch) == 0:
                 continue
             output = self.extractor(batch)
             stats.update(output["features"], output["logits"])
         return stats, shape
 
-    def _check_shape(self, shape: tuple[int, int, int], expected: tuple[int, int, int] | None,
-                     what: str) -> None:
+    def _check_shape(
+        self, shape: tuple[int, int, int], expected: tuple[int, int, int] | None, what: str
+    ) -> None:
         channels = getattr(self.extractor, "channels", None)
         if channels is not None and shape[0] not in (channels, 1):
-            fail(f"{what}: {shape[0]}-channel images, but the feature extractor {self.extractor.name!r} "
-                 f"needs {channels} channels")
+            fail(
+                f"{what}: {shape[0]}-channel images, but the feature extractor {self.extractor.name!r} "
+                f"needs {channels} channels"
+            )
         if expected is not None and shape != expected:
-            fail(f"{what}: images are {_shape_text(shape)} (C x H x W) but the feature extractor "
-                 f"{self.extractor.name!r} expects {_shape_text(expected)}")
+            fail(
+                f"{what}: images are {_shape_text(shape)} (C x H x W) but the feature extractor "
+                f"{self.extractor.name!r} expects {_shape_text(expected)}"
+            )
         ref = self._reference
         if ref is not None and ref.resolution is not None and shape[1] != ref.resolution:
-            warnings.warn(f"{what} are {shape[1]}px but the reference statistics ({ref.describe()}) are "
-                          f"{ref.resolution}px: the scores compare different resolutions", stacklevel=3)
+            warnings.warn(
+                f"{what} are {shape[1]}px but the reference statistics ({ref.describe()}) are "
+                f"{ref.resolution}px: the scores compare different resolutions",
+                stacklevel=3,
+            )
 
     # -- scores ------------------------------------------------------------------------------------
     def score_stats(self, stats: FeatureStats) -> dict[str, float]:
@@ -324,15 +404,21 @@ class Evaluator:
         wants_real = [score for score in ("kid", "pr") if score in self.scores]
         if wants_real and ref is not None:
             if ref.features is None or stats.features is None:
-                warnings.warn(f"{', '.join(wants_real).upper()} skipped: the reference file "
-                              f"{ref.path or ''} stores no raw features (only mu / sigma)", stacklevel=2)
+                warnings.warn(
+                    f"{', '.join(wants_real).upper()} skipped: the reference file "
+                    f"{ref.path or ''} stores no raw features (only mu / sigma)",
+                    stacklevel=2,
+                )
             else:
                 if "kid" in self.scores:
                     results["kid_mean"], results["kid_std"] = kid(
-                        stats.features, ref.features, self.kid_subsets, self.kid_subset_size)
+                        stats.features, ref.features, self.kid_subsets, self.kid_subset_size
+                    )
                 if "pr" in self.scores:
+                    real = equal_size_subset(ref.features, len(stats.features))
                     results["precision"], results["recall"] = precision_recall(
-                        ref.features, stats.features, self.pr_k)
+                        real, stats.features, self.pr_k
+                    )
         return results
 
     def score_images(self, images: ImageBatch | Iterable[Any], what: str = "samples") -> dict[str, float]:
@@ -347,9 +433,18 @@ class Evaluator:
         """Scores of the image files (PNG, JPEG, ...) under a folder, read in batches."""
         return self.score_images(iter_folder_images(path, self.batch_size), what=f"images in {str(path)!r}")
 
-    def score_sampler(self, model: Any, sampler: Any, seeds: Sequence[int], batch_size: int | None = None, *,
-                      shape: Sequence[int] | None = None, class_labels: torch.Tensor | None = None,
-                      guidance: Any = None, device: str | torch.device | None = None) -> dict[str, float]:
+    def score_sampler(
+        self,
+        model: Any,
+        sampler: Any,
+        seeds: Sequence[int],
+        batch_size: int | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        class_labels: torch.Tensor | None = None,
+        guidance: Any = None,
+        device: str | torch.device | None = None,
+    ) -> dict[str, float]:
         """Generate the samples of ``seeds`` with ``sampler`` and score them on the fly (nothing is saved).
 
         Uses :func:`fastsample.sampling.generate_batch` (per-seed noise), so the images are those
@@ -363,8 +458,11 @@ class Evaluator:
             fail("seeds is empty; give e.g. seeds=0-9999")
         batch_size = batch_size or self.batch_size
         check_range("batch_size", batch_size, low=1)
-        device = torch.device(device) if device is not None else next(
-            iter(list(model.parameters()) + list(model.buffers())), torch.zeros(0)).device
+        device = (
+            torch.device(device)
+            if device is not None
+            else next(iter(list(model.parameters()) + list(model.buffers())), torch.zeros(0)).device
+        )
         shape = tuple(shape) if shape is not None else getattr(model, "image_shape", None)
         if shape is None:
             fail("the model does not declare its data shape; pass shape=(C, H, W)")
@@ -390,6 +488,28 @@ class Evaluator:
         return results
 
 
+def _batch_count(images: Any, batch_size: int) -> int | None:
+    """Batches :func:`iter_batches` will yield, when known up front (for the progress bar)."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return -(-len(images) // batch_size)
+    loader_size = getattr(images, "batch_size", None)  # a DataLoader: its batches, if not larger
+    if loader_size is not None and loader_size <= batch_size and hasattr(images, "__len__"):
+        return len(images)
+    return None
+
+
+def equal_size_subset(features: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """At most ``count`` rows of ``features``, a seeded random subset when there are more.
+
+    Precision / recall compare k-NN manifolds, whose balls shrink as a set grows: with equal-size sets
+    (as Kynkaanniemi et al. use them) neither score is inflated by the other set's size. It also keeps
+    the cost at ``count^2`` distances when a few samples meet a large reference.
+    """
+    if len(features) <= count:
+        return features
+    return features[np.sort(np.random.default_rng(seed).permutation(len(features))[:count])]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -408,15 +528,19 @@ def load_npz_images(path: str | os.PathLike) -> np.ndarray:
         with np.load(path, allow_pickle=False) as data:
             key = next((k for k in SAMPLE_KEYS if k in data.files), None)
             if key is None:
-                fail(f"samples={str(path)!r} lacks an 'images' array "
-                     f"(has: {', '.join(data.files) or 'nothing'}); "
-                     "expected sample.py's samples.npz with images uint8 (N, H, W, C)")
+                fail(
+                    f"samples={str(path)!r} lacks an 'images' array "
+                    f"(has: {', '.join(data.files) or 'nothing'}); "
+                    "expected sample.py's samples.npz with images uint8 (N, H, W, C)"
+                )
             images = data[key]
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         fail(f"samples={str(path)!r} is not a readable .npz: {err}")
     if images.dtype != np.uint8:
-        fail(f"samples={str(path)!r}: images are {images.dtype}, expected uint8 (N, H, W, C) in [0, 255] "
-             "as sample.py writes them")
+        fail(
+            f"samples={str(path)!r}: images are {images.dtype}, expected uint8 (N, H, W, C) in [0, 255] "
+            "as sample.py writes them"
+        )
     check_image_batch(images, f"samples {str(path)!r}")
     return images
 
@@ -446,8 +570,10 @@ def iter_folder_images(path: str | os.PathLike, batch_size: int = 250) -> Iterat
             try:
                 with Image.open(file) as image:
                     if image.size != size:
-                        fail(f"image {str(file)!r} is {image.size[0]}x{image.size[1]}, but {str(files[0])!r} "
-                             f"is {size[0]}x{size[1]}; all samples must have one size")
+                        fail(
+                            f"image {str(file)!r} is {image.size[0]}x{image.size[1]}, but {str(files[0])!r} "
+                            f"is {size[0]}x{size[1]}; all samples must have one size"
+                        )
                     pixels = np.asarray(image.convert(mode))
             except OSError as err:
                 fail(f"image {str(file)!r} cannot be read: {err}")
@@ -465,10 +591,13 @@ def build_evaluator(cfg: Any, device: torch.device | None = None) -> Evaluator:
 
     extractor = instantiate(cfg.metrics)
     if isinstance(extractor, nn.Module) and not isinstance(extractor, FeatureExtractor):
-        fail(f"metrics: {type(extractor).__name__} is not a feature extractor; "
-             "use metrics=module with metrics.module._target_=<your module>")
+        fail(
+            f"metrics: {type(extractor).__name__} is not a feature extractor; "
+            "use metrics=module with metrics.module._target_=<your module>"
+        )
     settings = dict(cfg.get("evaluator") or {})
     settings.setdefault("batch_size", cfg.get("batch_size", 250))
+    settings.setdefault("progress", bool(cfg.get("progress", False)))
     return Evaluator(extractor, None, device=device, **settings)
 
 
@@ -499,13 +628,28 @@ def prepare_reference(cfg: Any, evaluator: Evaluator) -> Reference:
     if cfg.get("ref"):
         return read_reference(cfg.ref)
     extractor = evaluator.extractor
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{extractor.name}-{extractor.weights_hash}")
-    cache = (Path(cfg.paths.cache_dir) / "references"
-             / f"{cfg.dataset.get('name', 'data')}-{cfg.split}-{dataset_key(cfg.dataset)}-{name}.npz")
+    label = (
+        extractor.name
+        if extractor.weights_hash in extractor.name
+        else (f"{extractor.name}-{extractor.weights_hash}")
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", label)
+    cache = (
+        Path(cfg.paths.cache_dir)
+        / "references"
+        / f"{cfg.dataset.get('name', 'data')}-{cfg.split}-{dataset_key(cfg.dataset)}-{name}.npz"
+    )
     if cache.is_file():
         ref = read_reference(cache)
         if (ref.features is not None or evaluator.keep_features == 0) and ref.extractor == extractor.name:
             return ref
+    log.info(
+        "building reference statistics of %s/%s with %s (once; cached at %s)",
+        cfg.dataset.get("name", "data"),
+        cfg.split,
+        extractor.name,
+        cache,
+    )
     return evaluator.build_reference(reference_datamodule(cfg), split=cfg.split, path=cache)
 
 
@@ -532,12 +676,25 @@ def generate_and_score(cfg: Any, evaluator: Evaluator, device: torch.device) -> 
         model = model.double()
     shape = data_shape(cfg, model)
     labels = labels_for(seeds, cfg.get("class_labels"), getattr(model, "num_classes", None))
-    metrics = evaluator.score_sampler(model, sampler, seeds, cfg.batch_size, shape=shape, class_labels=labels,
-                                      guidance=build_guidance(cfg), device=device)
-    info = {"sampler": sampler.name, "steps": sampler.steps, "nfe": sampler.nfe,
-            "schedule": sampler.schedule.kind, "knobs": dict(sampler.knobs),
-            "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
-            "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"}
+    metrics = evaluator.score_sampler(
+        model,
+        sampler,
+        seeds,
+        cfg.batch_size,
+        shape=shape,
+        class_labels=labels,
+        guidance=build_guidance(cfg),
+        device=device,
+    )
+    info = {
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "schedule": sampler.schedule.kind,
+        "knobs": dict(sampler.knobs),
+        "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
+        "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})",
+    }
     return metrics, info
 
 
@@ -546,8 +703,11 @@ def log_to_loggers(cfg: Any, metrics: dict[str, Any], info: dict[str, Any]) -> N
     from fastsample.training import instantiate_group
 
     loggers = instantiate_group(cfg.get("logger"))
-    numeric = {f"eval/{key}": float(value) for key, value in metrics.items()
-               if isinstance(value, (int, float)) and value is not None}
+    numeric = {
+        f"eval/{key}": float(value)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and value is not None
+    }
     for logger in loggers:
         with contextlib.suppress(Exception):  # a logger's hyperparameter format is not worth a failed run
             logger.log_hyperparams(json.loads(json.dumps(info, default=str)))
@@ -575,9 +735,14 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if cfg.mode == "ref":
         path = Path(cfg.ref) if cfg.get("ref") else out_dir / "reference.npz"
         ref = evaluator.build_reference(reference_datamodule(cfg), split=cfg.split, path=path)
-        return {"mode": "ref", "reference": str(path), "describe": ref.describe(), "count": ref.count,
-                "kept_features": 0 if ref.features is None else len(ref.features),
-                "wall_time_s": round(time.perf_counter() - started, 3)}
+        return {
+            "mode": "ref",
+            "reference": str(path),
+            "describe": ref.describe(),
+            "count": ref.count,
+            "kept_features": 0 if ref.features is None else len(ref.features),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+        }
     evaluator.reference = prepare_reference(cfg, evaluator)
     if cfg.mode == "score":
         if not cfg.get("samples"):

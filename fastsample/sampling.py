@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from fastsample.samplers import Sampler
-from fastsample.utils.instantiation import instantiate
 from fastsample.utils.errors import check_choice, fail
 from fastsample.utils.images import save_grid, to_uint8
+from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import save_npz_atomic, write_json_atomic
 from fastsample.utils.npz import stream_npz
 from fastsample.utils.seeding import SeedNoise, parse_seeds

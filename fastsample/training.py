@@ -39,8 +39,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.dataset)
     module = instantiate(cfg.task, _recursive_=False)
     check_shapes(module, datamodule)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                                      logger=instantiate_group(cfg.get("logger")) or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
     if isinstance(getattr(datamodule, "batch_size", None), int):  # fail before any process is launched
         per_device_batch_size(datamodule.batch_size, trainer.world_size)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_checkpoint(cfg.get("ckpt_path"), output_dir))
@@ -55,15 +58,21 @@ def check_shapes(module: Any, datamodule: Any) -> None:
     model_shape = getattr(module, "image_shape", None)
     data_shape = getattr(datamodule, "data_shape", None)
     if model_shape and data_shape and tuple(model_shape) != tuple(data_shape):
-        fail(f"the network expects images of shape {tuple(model_shape)} but dataset {name!r} "
-             f"gives {tuple(data_shape)}; set task.net.in_channels / task.net.image_size "
-             "(or dataset.resolution)")
+        fail(
+            f"the network expects images of shape {tuple(model_shape)} but dataset {name!r} "
+            f"gives {tuple(data_shape)}; set task.net.in_channels / task.net.image_size "
+            "(or dataset.resolution)"
+        )
     model_classes = getattr(module, "num_classes", None)
     if model_classes and hasattr(datamodule, "num_classes"):
         data_classes = datamodule.num_classes
         if data_classes is None:
-            fail(f"task.net.num_classes={model_classes} needs class labels but dataset {name!r} has none "
-                 "(dataset.labels=false or unlabeled data); set task.net.num_classes=null or use labels")
+            fail(
+                f"task.net.num_classes={model_classes} needs class labels but dataset {name!r} has none "
+                "(dataset.labels=false or unlabeled data); set task.net.num_classes=null or use labels"
+            )
         if data_classes != model_classes:
-            fail(f"task.net.num_classes={model_classes} but dataset {name!r} has {data_classes} classes; "
-                 f"set task.net.num_classes={data_classes}")
+            fail(
+                f"task.net.num_classes={model_classes} but dataset {name!r} has {data_classes} classes; "
+                f"set task.net.num_classes={data_classes}"
+            )

@@ -80,8 +80,10 @@ def test_digits_resize_channels_subset_and_no_labels() -> None:
 # ----------------------------------------------------------------------------- IDX / fashion_mnist
 
 
-@pytest.mark.skipif(not (DEBIAN_FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not (DEBIAN_FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_from_debian_path() -> None:
     data = build_fashion_mnist("test", subset=64)
     assert len(data) == 64
@@ -122,8 +124,13 @@ def test_missing_fashion_mnist_names_debian_package(tmp_path: Path, monkeypatch:
     from fastsample.data import datasets
 
     # Point the system folder somewhere empty so the test does not depend on the installed package.
-    empty = datasets.IdxSource("fashion_mnist", "fashion-mnist", "FashionMNIST", str(tmp_path / "system"),
-                               datasets.FASHION_MNIST.install_hint)
+    empty = datasets.IdxSource(
+        "fashion_mnist",
+        "fashion-mnist",
+        "FashionMNIST",
+        str(tmp_path / "system"),
+        datasets.FASHION_MNIST.install_hint,
+    )
     monkeypatch.setattr(datasets, "FASHION_MNIST", empty)
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist") as info:
         build_fashion_mnist("train", root=tmp_path / "root")

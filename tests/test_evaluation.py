@@ -31,9 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-NET_CONFIG = {"_target_": "fastsample.models.classifier.NoisyClassifier", "in_channels": 1, "num_classes": 10,
-              "image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attention_resolutions": [], "groups": 4, "mid_attention": False}
+NET_CONFIG = {
+    "_target_": "fastsample.models.classifier.NoisyClassifier",
+    "in_channels": 1,
+    "num_classes": 10,
+    "image_size": 8,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "groups": 4,
+    "mid_attention": False,
+}
 
 
 def tiny_classifier(seed: int = 0) -> NoisyClassifier:
@@ -76,8 +85,9 @@ def train_reference(classifier, digits_split):
 
 @pytest.fixture
 def evaluator(classifier, train_reference) -> Evaluator:
-    return Evaluator(ClassifierFeatures(classifier), train_reference, batch_size=500, kid_subsets=20,
-                     kid_subset_size=200)
+    return Evaluator(
+        ClassifierFeatures(classifier), train_reference, batch_size=500, kid_subsets=20, kid_subset_size=200
+    )
 
 
 def noise_like(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
@@ -115,8 +125,9 @@ def test_fid_sanity_train_test_noise_and_itself(evaluator, digits_split):
     assert constant["is_mean"] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("corrupt, levels", [(noise_like, (0.0, 0.15, 0.3, 0.6)),
-                                             (blur, (0.0, 0.6, 1.0, 2.0))])
+@pytest.mark.parametrize(
+    "corrupt, levels", [(noise_like, (0.0, 0.15, 0.3, 0.6)), (blur, (0.0, 0.6, 1.0, 2.0))]
+)
 def test_fid_grows_monotonically_with_corruption(evaluator, digits_split, corrupt, levels):
     _, _, test = digits_split
     fids = [evaluator.score_images(corrupt(test, level))["fid"] for level in levels]
@@ -134,8 +145,12 @@ def test_uint8_float_and_folder_inputs_agree(evaluator, digits_split, tmp_path):
     save_npz_atomic(tmp_path / "samples.npz", images=as_uint8, labels=np.zeros(len(as_uint8)))
     for index, image in enumerate(as_uint8):
         save_png(image, tmp_path / "pngs" / f"{index:06d}.png")
-    for scores in (evaluator.score_images(batches), evaluator.score_images(as_uint8),
-                   evaluator.score_npz(tmp_path / "samples.npz"), evaluator.score_folder(tmp_path / "pngs")):
+    for scores in (
+        evaluator.score_images(batches),
+        evaluator.score_images(as_uint8),
+        evaluator.score_npz(tmp_path / "samples.npz"),
+        evaluator.score_folder(tmp_path / "pngs"),
+    ):
         assert scores["num_samples"] == len(test)
         assert scores["fid"] == pytest.approx(from_float["fid"], rel=1e-6)
         assert scores["precision"] == from_float["precision"]
@@ -245,9 +260,18 @@ def classifier_bundle(classifier, tmp_path) -> Path:
     from fastsample.utils.io import save_torch_atomic
 
     path = tmp_path / "classifier.pt"
-    save_torch_atomic(path, {"format": CLASSIFIER_FORMAT, "net": NET_CONFIG, "noisy": False,
-                             "input": input_convention(noisy=False), "image_shape": [1, 8, 8],
-                             "num_classes": 10, "state_dict": classifier.state_dict()})
+    save_torch_atomic(
+        path,
+        {
+            "format": CLASSIFIER_FORMAT,
+            "net": NET_CONFIG,
+            "noisy": False,
+            "input": input_convention(noisy=False),
+            "image_shape": [1, 8, 8],
+            "num_classes": 10,
+            "state_dict": classifier.state_dict(),
+        },
+    )
     return path
 
 
@@ -271,21 +295,44 @@ def test_evaluate_job_ref_score_generate(classifier_bundle, tmp_path):
     from fastsample.sampling import generate
 
     common = [f"paths.cache_dir={tmp_path / 'cache'}", "dataset=digits", "model=gmm_digits", "device=cpu"]
-    sample_cfg = compose("sample", [*common, f"paths.output_dir={tmp_path / 'samples'}", "seeds=0-299",
-                                    "sampler=dpmpp_2m", "sampler.steps=8"])
+    sample_cfg = compose(
+        "sample",
+        [
+            *common,
+            f"paths.output_dir={tmp_path / 'samples'}",
+            "seeds=0-299",
+            "sampler=dpmpp_2m",
+            "sampler.steps=8",
+        ],
+    )
     generate(sample_cfg)
     samples = tmp_path / "samples" / "samples.npz"
-    eval_common = [*common, f"metrics.path={classifier_bundle}", "evaluator.kid_subsets=10",
-                   "evaluator.kid_subset_size=100"]
+    eval_common = [
+        *common,
+        f"metrics.path={classifier_bundle}",
+        "evaluator.kid_subsets=10",
+        "evaluator.kid_subset_size=100",
+    ]
 
-    ref = evaluate(compose("evaluate", [*eval_common, "mode=ref", "split=train",
-                                        f"paths.output_dir={tmp_path}/r"]))
+    ref = evaluate(
+        compose("evaluate", [*eval_common, "mode=ref", "split=train", f"paths.output_dir={tmp_path}/r"])
+    )
     assert ref["count"] == 1438 and Path(ref["reference"]).is_file()
 
     out = tmp_path / "score"
-    summary = evaluate(compose("evaluate", [*eval_common, "mode=score", f"samples={samples}",
-                                            f"ref={ref['reference']}", f"paths.output_dir={out}",
-                                            "logger=csv"]))
+    summary = evaluate(
+        compose(
+            "evaluate",
+            [
+                *eval_common,
+                "mode=score",
+                f"samples={samples}",
+                f"ref={ref['reference']}",
+                f"paths.output_dir={out}",
+                "logger=csv",
+            ],
+        )
+    )
     metrics = summary["metrics"]
     assert metrics["num_samples"] == 300
     assert {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"} <= set(metrics)
@@ -294,26 +341,57 @@ def test_evaluate_job_ref_score_generate(classifier_bundle, tmp_path):
     assert "eval/fid" in logged
 
     # ref=null: the dataset's statistics are built once and cached under paths.cache_dir.
-    cached = evaluate(compose("evaluate", [*eval_common, "mode=score", f"samples={samples}",
-                                           f"paths.output_dir={tmp_path}/cached"]))
+    cached = evaluate(
+        compose(
+            "evaluate",
+            [*eval_common, "mode=score", f"samples={samples}", f"paths.output_dir={tmp_path}/cached"],
+        )
+    )
     assert cached["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
     assert len(list((tmp_path / "cache" / "references").glob("digits-train-*.npz"))) == 1
 
     # generate: the same seeds and sampler give the same images as sample.py, so the same scores.
-    generated = evaluate(compose("evaluate", [*eval_common, "mode=generate", "seeds=0-299",
-                                              "sampler=dpmpp_2m", "sampler.steps=8", "batch_size=128",
-                                              f"ref={ref['reference']}", f"paths.output_dir={tmp_path}/gen"]))
+    generated = evaluate(
+        compose(
+            "evaluate",
+            [
+                *eval_common,
+                "mode=generate",
+                "seeds=0-299",
+                "sampler=dpmpp_2m",
+                "sampler.steps=8",
+                "batch_size=128",
+                f"ref={ref['reference']}",
+                f"paths.output_dir={tmp_path}/gen",
+            ],
+        )
+    )
     assert generated["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
     assert generated["nfe"] == generated["metrics"]["nfe"] == 8 and generated["metrics"]["sampling_s"] > 0
     # A worse sampler (Euler with 2 steps) scores worse.
-    coarse = evaluate(compose("evaluate", [*eval_common, "mode=generate", "seeds=0-299", "sampler=euler",
-                                           "sampler.steps=2", f"ref={ref['reference']}",
-                                           f"paths.output_dir={tmp_path}/coarse"]))
+    coarse = evaluate(
+        compose(
+            "evaluate",
+            [
+                *eval_common,
+                "mode=generate",
+                "seeds=0-299",
+                "sampler=euler",
+                "sampler.steps=2",
+                f"ref={ref['reference']}",
+                f"paths.output_dir={tmp_path}/coarse",
+            ],
+        )
+    )
     assert coarse["metrics"]["fid"] > generated["metrics"]["fid"]
 
     with pytest.raises(UserError, match="mode=score needs samples="):
-        evaluate(compose("evaluate", [*eval_common, "mode=score", f"ref={ref['reference']}",
-                                      f"paths.output_dir={tmp_path}/bad"]))
+        evaluate(
+            compose(
+                "evaluate",
+                [*eval_common, "mode=score", f"ref={ref['reference']}", f"paths.output_dir={tmp_path}/bad"],
+            )
+        )
     with pytest.raises(UserError, match="mode='check' is not allowed"):
         evaluate(compose("evaluate", [*eval_common, "mode=check", f"paths.output_dir={tmp_path}/bad"]))
 
@@ -322,9 +400,21 @@ def test_evaluate_cli_reports_user_errors_in_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("FASTSAMPLE_DEBUG", None)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "mode=score", "samples=x.npz", "dataset=digits",
-         f"metrics.path={tmp_path / 'no-classifier.pt'}", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "mode=score",
+            "samples=x.npz",
+            "dataset=digits",
+            f"metrics.path={tmp_path / 'no-classifier.pt'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: metrics.path=")
@@ -359,9 +449,15 @@ def test_fid_callback_logs_val_fid(classifier, digits_split, digits_gmm, tmp_pat
         is_global_zero = True
         datamodule = None
 
-    callback = FIDCallback(every_n_steps=2, num_samples=120, sampler="dpmpp_2m", steps=6,
-                           extractor=ClassifierFeatures(classifier), reference=str(ref.path),
-                           kid_subset_size=50)
+    callback = FIDCallback(
+        every_n_steps=2,
+        num_samples=120,
+        sampler="dpmpp_2m",
+        steps=6,
+        extractor=ClassifierFeatures(classifier),
+        reference=str(ref.path),
+        kid_subset_size=50,
+    )
     module, trainer = Module(), Trainer()
     callback.on_fit_start(trainer, module)
     callback.on_train_batch_end(trainer, module, None, None, 0)
@@ -370,7 +466,52 @@ def test_fid_callback_logs_val_fid(classifier, digits_split, digits_gmm, tmp_pat
     trainer.global_step = 6
     callback.on_train_batch_end(trainer, module, None, None, 0)
     assert module.logged["val/fid"] == pytest.approx(first["val/fid"], rel=1e-9)  # fixed seeds
-    trainer.global_step = 7
-    module.logged.clear()
-    callback.on_train_batch_end(trainer, module, None, None, 0)
-    assert module.logged == {}
+    for step in (6, 7, 0):  # the same step again (gradient accumulation), off-schedule, untrained
+        trainer.global_step = step
+        module.logged.clear()
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+        assert module.logged == {}
+
+
+def test_fid_callback_in_a_lightning_run(classifier, tmp_path):
+    """Two training steps of a tiny UNet on the digits: the reference is built from the datamodule's
+    test split at fit start and val/fid, val/kid reach the logger."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from fastsample.data import ImageDataModule
+    from fastsample.lit.diffusion import DiffusionModule
+    from fastsample.lit.fid_callback import FIDCallback
+
+    torch.manual_seed(0)
+    net = OmegaConf.load(CONF / "model" / "net" / "unet_tiny.yaml")
+    module = DiffusionModule(net=net, ema_decay=0.5)
+    datamodule = ImageDataModule("digits", batch_size=32, val_subset=200)
+    callback = FIDCallback(
+        every_n_steps=2,
+        num_samples=40,
+        sampler="euler",
+        steps=2,
+        extractor=ClassifierFeatures(classifier),
+        kid_subset_size=20,
+        reference_out=tmp_path / "ref.npz",
+    )
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert read_reference(tmp_path / "ref.npz").count == 200
+    assert {"val/fid", "val/kid"} <= set(trainer.callback_metrics)
+    logged = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "val/fid" in logged.splitlines()[0]

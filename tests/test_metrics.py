@@ -73,7 +73,8 @@ def test_frechet_singular_covariance_matches_eigenvalue_formula():
     mu2, sigma2 = stats_of(gaussian_features(40, 32, seed=1, shift=0.5))
     expected = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(
-        expected["frechet_inception_distance"], rel=1e-6)
+        expected["frechet_inception_distance"], rel=1e-6
+    )
 
 
 def test_frechet_of_a_set_with_itself_is_zero():
@@ -131,8 +132,9 @@ def test_kid_on_full_sets_matches_cleanfid_and_torch_fidelity():
     ours, std = kid(x[:120], y, subsets=1, subset_size=10_000)
     assert std == 0.0
     assert ours == pytest.approx(kernel_distance(x[:120], y, num_subsets=1, max_subset_size=120), rel=1e-9)
-    fidelity = kid_features_to_metric(torch.from_numpy(x[:120]), torch.from_numpy(y),
-                                      kid_subsets=1, kid_subset_size=120, verbose=False)
+    fidelity = kid_features_to_metric(
+        torch.from_numpy(x[:120]), torch.from_numpy(y), kid_subsets=1, kid_subset_size=120, verbose=False
+    )
     assert ours == pytest.approx(fidelity["kernel_inception_distance_mean"], rel=1e-9)
 
 
@@ -251,8 +253,9 @@ class TinyClassifier(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
-                                   nn.Flatten())
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.head = nn.Linear(4, 10)
         self.seen_labels: torch.Tensor | None = None
 
@@ -329,8 +332,13 @@ class FakeInception(nn.Module):
         self.layers = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Conv2d(3, 2048, 2))
         self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        img: torch.Tensor,
+        return_features: bool = False,
+        use_fp16: bool = False,
+        no_output_bias: bool = False,
+    ) -> torch.Tensor:
         x = torch.nn.functional.interpolate(img.float(), size=(299, 299), mode="bilinear")
         return self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
 
@@ -411,8 +419,14 @@ def test_reference_round_trip_with_metadata(tmp_path):
     ref = load_reference(path)
     np.testing.assert_array_equal(ref.mu, stats.mu)
     np.testing.assert_array_equal(ref.sigma, stats.sigma)
-    assert ref.metadata() == {"extractor": extractor.name, "weights_hash": extractor.weights_hash,
-                              "dataset": "digits", "split": "train", "count": 100, "resolution": 4}
+    assert ref.metadata() == {
+        "extractor": extractor.name,
+        "weights_hash": extractor.weights_hash,
+        "dataset": "digits",
+        "split": "train",
+        "count": 100,
+        "resolution": 4,
+    }
     assert "digits/train (100 images, 4px" in ref.describe()
     check_compatible(ref, extractor)
     with np.load(path) as data:  # EDM's fid.py reads only these two keys

@@ -21,8 +21,10 @@ def sample_config(tmp_path: Path, *overrides: str, model: str = "gmm_digits"):
     """Compose conf/sample.yaml for a tiny mixture model, writing under ``tmp_path``."""
     cache = [f"model.cache_dir={tmp_path}/cache"] if model == "gmm_digits" else []
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("sample", overrides=[f"model={model}", *cache, f"output_dir={tmp_path}/out",
-                                            "seeds=0-15", *overrides])
+        return compose(
+            "sample",
+            overrides=[f"model={model}", *cache, f"output_dir={tmp_path}/out", "seeds=0-15", *overrides],
+        )
 
 
 def test_outputs_are_complete(tmp_path):
@@ -43,8 +45,11 @@ def test_same_seeds_same_samples_whatever_the_batch_size(tmp_path, sampler):
     the uint8 images agree except for rare rounding flips of one level."""
     images = []
     for batch in (1, 7, 16):
-        generate(sample_config(tmp_path / str(batch), f"sampler={sampler}", "sampler.steps=5",
-                               f"batch_size={batch}"))
+        generate(
+            sample_config(
+                tmp_path / str(batch), f"sampler={sampler}", "sampler.steps=5", f"batch_size={batch}"
+            )
+        )
         with np.load(tmp_path / str(batch) / "out" / "samples.npz") as data:
             images.append(data["images"])
     for other in images[1:]:
@@ -93,8 +98,9 @@ def test_non_finite_model_output_is_reported(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_user_error_is_one_line_and_nonzero(tmp_path):

@@ -14,8 +14,9 @@ from fastsample.models.unet import UNet
 from fastsample.utils.errors import UserError
 
 NET_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model" / "net"
-TINY = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-            mid_attention=False)
+TINY = dict(
+    model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), mid_attention=False
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +33,14 @@ def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize(("size", "channels", "extra"), [
-    (8, 1, {}),
-    (16, 3, {"attention_resolutions": (8,), "mid_attention": True, "num_heads": 2}),
-    (28, 1, {"embedding": "fourier"}),
-])
+@pytest.mark.parametrize(
+    ("size", "channels", "extra"),
+    [
+        (8, 1, {}),
+        (16, 3, {"attention_resolutions": (8,), "mid_attention": True, "num_heads": 2}),
+        (28, 1, {"embedding": "fourier"}),
+    ],
+)
 def test_output_shape(size: int, channels: int, extra: dict) -> None:
     net = UNet(in_channels=channels, image_size=size, **{**TINY, **extra})
     x = torch.randn(3, channels, size, size)
@@ -45,8 +49,15 @@ def test_output_shape(size: int, channels: int, extra: dict) -> None:
 
 
 def test_out_channels_and_three_levels() -> None:
-    net = UNet(in_channels=1, out_channels=2, image_size=28, model_channels=16, channel_mult=(1, 2, 2),
-               num_res_blocks=1, attention_resolutions=(14,))
+    net = UNet(
+        in_channels=1,
+        out_channels=2,
+        image_size=28,
+        model_channels=16,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(14,),
+    )
     assert net(torch.randn(2, 1, 28, 28), torch.zeros(2)).shape == (2, 2, 28, 28)
 
 

@@ -23,8 +23,10 @@ def per_device_batch_size(global_batch: int, world_size: int) -> int:
     """Split ``global_batch`` evenly over ``world_size`` devices, or fail naming the setting."""
     check_range("dataset.batch_size", global_batch, low=1)
     if global_batch % world_size:
-        fail(f"dataset.batch_size={global_batch} does not divide across {world_size} devices; "
-             f"use a multiple of {world_size}")
+        fail(
+            f"dataset.batch_size={global_batch} does not divide across {world_size} devices; "
+            f"use a multiple of {world_size}"
+        )
     return global_batch // world_size
 
 
@@ -69,9 +71,15 @@ class SplitDataModule(pl.LightningDataModule):
         # A seeded generator makes the shuffle order reproducible; under DDP Lightning swaps in a
         # DistributedSampler (seeded by the trainer) instead.
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.dataset(split), batch_size=self.device_batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, generator=generator,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.device_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
@@ -93,10 +101,21 @@ class ImageDataModule(SplitDataModule):
     has labels (image_folder: class subfolders only with ``labels=true``).
     """
 
-    def __init__(self, name: str = "fashion_mnist", root: str | os.PathLike | None = None,
-                 download: bool = False, resolution: int | None = None, channels: int | None = None,
-                 labels: bool | None = None, batch_size: int = 128, num_workers: int = 0, hflip: bool = False,
-                 subset: int | None = None, val_subset: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "fashion_mnist",
+        root: str | os.PathLike | None = None,
+        download: bool = False,
+        resolution: int | None = None,
+        channels: int | None = None,
+        labels: bool | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        hflip: bool = False,
+        subset: int | None = None,
+        val_subset: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(batch_size, num_workers, seed)
         check_choice("dataset.name", name, IMAGE_DATASETS)
         info = IMAGE_DATASETS[name]
@@ -133,16 +152,32 @@ class ImageDataModule(SplitDataModule):
 
     def build(self, split: str) -> Dataset:
         """Build ``split`` with this module's settings (``subset`` for train, ``val_subset`` for test)."""
-        return build_dataset(self.name, split, root=self.root, download=self.download,
-                             resolution=self.resolution, channels=self.channels, hflip=self.hflip,
-                             labels=self.labels, subset=self.subset if split == "train" else self.val_subset)
+        return build_dataset(
+            self.name,
+            split,
+            root=self.root,
+            download=self.download,
+            resolution=self.resolution,
+            channels=self.channels,
+            hflip=self.hflip,
+            labels=self.labels,
+            subset=self.subset if split == "train" else self.val_subset,
+        )
 
 
 class ToyDataModule(SplitDataModule):
     """Points from a toy ``sampler`` (see :mod:`fastsample.data.toy`); train and test use different seeds."""
 
-    def __init__(self, sampler: ToySampler, size: int = 10000, val_size: int = 1000, batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 0, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        sampler: ToySampler,
+        size: int = 10000,
+        val_size: int = 1000,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__(batch_size, num_workers, seed)
         check_range("dataset.size", size, low=1)
         check_range("dataset.val_size", val_size, low=1)

@@ -67,9 +67,17 @@ def _check_subset(subset: int | None) -> None:
         check_range("dataset.subset", subset, low=1)
 
 
-def prepare_arrays(images: torch.Tensor, labels: torch.Tensor, split: str, *, resolution: int | None,
-                   channels: int | None, hflip: bool, subset: int | None,
-                   keep_labels: bool) -> ArrayImageDataset:
+def prepare_arrays(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    split: str,
+    *,
+    resolution: int | None,
+    channels: int | None,
+    hflip: bool,
+    subset: int | None,
+    keep_labels: bool,
+) -> ArrayImageDataset:
     """Take the first ``subset`` items, resize / convert channels once, and wrap them.
 
     Subsetting comes first so quick runs never resize the full array. Flips apply to train only.
@@ -103,8 +111,10 @@ def download_root(name: str, root: str | os.PathLike | None, env_subdir: str) ->
     """Where ``download=True`` writes: ``root`` if set, else ``$FASTSAMPLE_DATA/<env_subdir>``."""
     roots = data_roots(root, env_subdir)
     if not roots:
-        fail(f"dataset.download=true for {name} needs a place to write: set dataset.root=DIR "
-             f"or the environment variable {DATA_ENV}")
+        fail(
+            f"dataset.download=true for {name} needs a place to write: set dataset.root=DIR "
+            f"or the environment variable {DATA_ENV}"
+        )
     return roots[0]
 
 
@@ -119,8 +129,13 @@ class IdxSource:
     install_hint: str = ""
 
 
-FASHION_MNIST = IdxSource("fashion_mnist", "fashion-mnist", "FashionMNIST",
-                          "/usr/share/datasets/fashion-mnist", "`apt-get install dataset-fashion-mnist`, ")
+FASHION_MNIST = IdxSource(
+    "fashion_mnist",
+    "fashion-mnist",
+    "FashionMNIST",
+    "/usr/share/datasets/fashion-mnist",
+    "`apt-get install dataset-fashion-mnist`, ",
+)
 MNIST = IdxSource("mnist", "mnist", "MNIST")
 
 
@@ -132,8 +147,9 @@ def _idx_folders(source: IdxSource, root: str | os.PathLike | None) -> list[Path
     return folders
 
 
-def load_idx_split(source: IdxSource, split: str, root: str | os.PathLike | None,
-                   download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_idx_split(
+    source: IdxSource, split: str, root: str | os.PathLike | None, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load (uint8 images (N, 1, H, W), int64 labels) of one split from IDX files or a download."""
     prefix = "train" if split == "train" else "t10k"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
@@ -146,12 +162,15 @@ def load_idx_split(source: IdxSource, split: str, root: str | os.PathLike | None
     if download:
         return _download_idx(source, split, root)
     looked = ", ".join(map(str, folders)) or "(nowhere: no root configured)"
-    fail(f"{source.name} {split} files ({stems[0]}[.gz], {stems[1]}[.gz]) not found; looked in: {looked}. "
-         f"Provide them with {source.install_hint}dataset.root=DIR, or dataset.download=true")
+    fail(
+        f"{source.name} {split} files ({stems[0]}[.gz], {stems[1]}[.gz]) not found; looked in: {looked}. "
+        f"Provide them with {source.install_hint}dataset.root=DIR, or dataset.download=true"
+    )
 
 
-def _download_idx(source: IdxSource, split: str,
-                  root: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _download_idx(
+    source: IdxSource, split: str, root: str | os.PathLike | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fetch through torchvision (connected machines); files land in ``<root>/<Class>/raw``."""
     import torchvision.datasets
 
@@ -164,13 +183,30 @@ def _download_idx(source: IdxSource, split: str,
 # ----------------------------------------------------------------------------- builders
 
 
-def _build_idx(source: IdxSource, split: str, *, root: str | os.PathLike | None = None,
-               download: bool = False, resolution: int | None = None, channels: int | None = None,
-               hflip: bool = False, subset: int | None = None, labels: bool = True) -> ArrayImageDataset:
+def _build_idx(
+    source: IdxSource,
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool = True,
+) -> ArrayImageDataset:
     _check_split(split)
     images, targets = load_idx_split(source, split, root, download)
-    return prepare_arrays(images, targets, split, resolution=resolution, channels=channels, hflip=hflip,
-                          subset=subset, keep_labels=labels)
+    return prepare_arrays(
+        images,
+        targets,
+        split,
+        resolution=resolution,
+        channels=channels,
+        hflip=hflip,
+        subset=subset,
+        keep_labels=labels,
+    )
 
 
 def build_fashion_mnist(split: str, **options) -> ArrayImageDataset:
@@ -183,18 +219,35 @@ def build_mnist(split: str, **options) -> ArrayImageDataset:
     return _build_idx(MNIST, split, **options)
 
 
-def build_cifar10(split: str, *, root: str | os.PathLike | None = None, download: bool = False,
-                  resolution: int | None = None, channels: int | None = None, hflip: bool = False,
-                  subset: int | None = None, labels: bool = True) -> ArrayImageDataset:
+def build_cifar10(
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool = True,
+) -> ArrayImageDataset:
     """CIFAR-10 (32x32 RGB, 10 classes): torchvision's loader on ``root`` or ``$FASTSAMPLE_DATA/cifar10``."""
     _check_split(split)
     images, targets = _load_cifar10(split, root, download)
-    return prepare_arrays(images, targets, split, resolution=resolution, channels=channels, hflip=hflip,
-                          subset=subset, keep_labels=labels)
+    return prepare_arrays(
+        images,
+        targets,
+        split,
+        resolution=resolution,
+        channels=channels,
+        hflip=hflip,
+        subset=subset,
+        keep_labels=labels,
+    )
 
 
-def _load_cifar10(split: str, root: str | os.PathLike | None,
-                  download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_cifar10(
+    split: str, root: str | os.PathLike | None, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.datasets import CIFAR10
 
     train = split == "train"
@@ -209,16 +262,26 @@ def _load_cifar10(split: str, root: str | os.PathLike | None,
     else:
         if not download:
             looked = ", ".join(f"{base}/{CIFAR10.base_folder}" for base in roots) or "(nowhere: no root set)"
-            fail(f"cifar10 not found (or corrupted); looked in: {looked}. Provide it with dataset.root=DIR "
-                 f"(holding {CIFAR10.base_folder}/) or dataset.download=true")
+            fail(
+                f"cifar10 not found (or corrupted); looked in: {looked}. Provide it with dataset.root=DIR "
+                f"(holding {CIFAR10.base_folder}/) or dataset.download=true"
+            )
         dataset = CIFAR10(str(download_root("cifar10", root, "cifar10")), train=train, download=True)
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
     return images, torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
-def build_digits(split: str, *, root: str | os.PathLike | None = None, download: bool = False,
-                 resolution: int | None = None, channels: int | None = None, hflip: bool = False,
-                 subset: int | None = None, labels: bool = True) -> ArrayImageDataset:
+def build_digits(
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool = True,
+) -> ArrayImageDataset:
     """sklearn's bundled 8x8 digits (offline): values 0..16 scaled to [-1, 1], labels 0..9.
 
     The split is deterministic: the last 20% of the 1797 images are the test set. ``root`` and
@@ -232,8 +295,16 @@ def build_digits(split: str, *, root: str | os.PathLike | None = None, download:
     targets = torch.from_numpy(digits.target).long()
     cut = round(len(images) * (1 - DIGITS_TEST_FRACTION))
     part = slice(None, cut) if split == "train" else slice(cut, None)
-    return prepare_arrays(images[part], targets[part], split, resolution=resolution, channels=channels,
-                          hflip=hflip, subset=subset, keep_labels=labels)
+    return prepare_arrays(
+        images[part],
+        targets[part],
+        split,
+        resolution=resolution,
+        channels=channels,
+        hflip=hflip,
+        subset=subset,
+        keep_labels=labels,
+    )
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -277,8 +348,17 @@ class ImageFolderDataset(Dataset):
     as the split; without it both splits read the whole tree.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", *, resolution: int, channels: int = 3,
-                 labels: bool = False, hflip: bool = False, subset: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        resolution: int,
+        channels: int = 3,
+        labels: bool = False,
+        hflip: bool = False,
+        subset: int | None = None,
+    ) -> None:
         _check_split(split)
         _check_subset(subset)
         check_range("dataset.resolution", resolution, low=1)
@@ -287,8 +367,10 @@ class ImageFolderDataset(Dataset):
         self.folder = _split_folder(base, split)
         self.files = list_images(self.folder)[:subset]
         if not self.files:
-            fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.folder}; "
-                 "set dataset.root to a folder that contains image files")
+            fail(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.folder}; "
+                "set dataset.root to a folder that contains image files"
+            )
         self.resolution, self.channels = resolution, channels
         self.hflip = hflip and split == "train"
         self.classes = image_folder_classes(base) if labels else []
@@ -297,8 +379,10 @@ class ImageFolderDataset(Dataset):
     def _label(self, path: Path) -> int:
         relative = path.relative_to(self.folder)
         if len(relative.parts) < 2 or relative.parts[0] not in self.classes:
-            fail(f"dataset.labels=true needs every image in a class subfolder of the training tree "
-                 f"({self.folder}/<class>/...); {path} is not")
+            fail(
+                f"dataset.labels=true needs every image in a class subfolder of the training tree "
+                f"({self.folder}/<class>/...); {path} is not"
+            )
         return self.classes.index(relative.parts[0])
 
     def __len__(self) -> int:
@@ -314,16 +398,31 @@ class ImageFolderDataset(Dataset):
         return maybe_flip(image_tensor, self.hflip), torch.tensor(self.targets[index], dtype=torch.long)
 
 
-def build_image_folder(split: str, *, root: str | os.PathLike | None = None, download: bool = False,
-                       resolution: int | None = None, channels: int | None = None, hflip: bool = False,
-                       subset: int | None = None, labels: bool = False) -> ImageFolderDataset:
+def build_image_folder(
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool = False,
+) -> ImageFolderDataset:
     """An :class:`ImageFolderDataset`; ``resolution`` is required, ``download`` is not supported."""
     if download:
         fail("dataset.download=true is not supported for image_folder; put the images under dataset.root")
     if resolution is None:
         fail("dataset.resolution is not set; image_folder needs it (e.g. dataset.resolution=64)")
-    return ImageFolderDataset(_existing_root(root), split, resolution=resolution, channels=channels or 3,
-                              labels=labels, hflip=hflip, subset=subset)
+    return ImageFolderDataset(
+        _existing_root(root),
+        split,
+        resolution=resolution,
+        channels=channels or 3,
+        labels=labels,
+        hflip=hflip,
+        subset=subset,
+    )
 
 
 # ----------------------------------------------------------------------------- registry
@@ -348,17 +447,27 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
 }
 
 
-def build_dataset(name: str, split: str = "train", *, root: str | os.PathLike | None = None,
-                  download: bool = False, resolution: int | None = None, channels: int | None = None,
-                  hflip: bool = False, subset: int | None = None, labels: bool | None = None) -> Dataset:
+def build_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool | None = None,
+) -> Dataset:
     """Build image data set ``name`` (one of :data:`IMAGE_DATASETS`) for ``split`` ('train' / 'test').
 
     ``labels=None`` keeps each builder's default (labeled sets keep labels; image_folder has none).
     """
     check_choice("dataset.name", name, IMAGE_DATASETS)
     _check_split(split)
-    options = dict(root=root, download=download, resolution=resolution, channels=channels, hflip=hflip,
-                   subset=subset)
+    options = dict(
+        root=root, download=download, resolution=resolution, channels=channels, hflip=hflip, subset=subset
+    )
     if labels is not None:
         options["labels"] = labels
     return IMAGE_DATASETS[name].builder(split, **options)

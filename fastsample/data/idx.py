@@ -40,8 +40,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        fail(f"{path} is truncated: expected {expected} data bytes for shape {shape}, "
-             f"found {len(raw) - header}; re-download or reinstall the data set")
+        fail(
+            f"{path} is truncated: expected {expected} data bytes for shape {shape}, "
+            f"found {len(raw) - header}; re-download or reinstall the data set"
+        )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 

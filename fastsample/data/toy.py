@@ -38,8 +38,9 @@ class ToyDataset(Dataset):
         return self.points[index], self.labels[index]
 
 
-def ring_mixture(n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.0,
-                 std: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_mixture(
+    n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.0, std: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Equal-weight isotropic Gaussians on a circle; the label is the mode index.
 
     A stand-in default sampler: any function with the :data:`ToySampler` signature can replace it.

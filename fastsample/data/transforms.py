@@ -43,8 +43,10 @@ def resize_center_crop(images: torch.Tensor, resolution: int) -> torch.Tensor:
     new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
     lead = images.shape[:-3]
     flat = images.reshape(-1, *images.shape[-3:])
-    chunks = [F.interpolate(chunk.float(), size=(new_h, new_w), mode="bilinear", antialias=True)
-              for chunk in flat.split(_CHUNK)]
+    chunks = [
+        F.interpolate(chunk.float(), size=(new_h, new_w), mode="bilinear", antialias=True)
+        for chunk in flat.split(_CHUNK)
+    ]
     resized = _restore_dtype(torch.cat(chunks), images.dtype)
     top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
     cropped = resized[..., top : top + resolution, left : left + resolution]

@@ -13,8 +13,12 @@ from fastsample.utils.errors import check_choice
 PARAMETRIZATIONS = ("edm", "ddpm")
 
 
-def wrap_network(net: nn.Module, parametrization: dict[str, Any], image_shape: tuple[int, ...] | None,
-                 num_classes: int | None) -> Denoiser:
+def wrap_network(
+    net: nn.Module,
+    parametrization: dict[str, Any],
+    image_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+) -> Denoiser:
     """``parametrization``: ``{kind: edm, sigma_data, sigma_min, sigma_max}`` or
     ``{kind: ddpm, prediction, beta_schedule, timesteps, timestep}``."""
     settings = dict(parametrization)

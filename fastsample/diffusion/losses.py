@@ -17,8 +17,15 @@ from fastsample.diffusion.denoiser import append_dims
 from fastsample.diffusion.discrete import DiscreteSchedule, DiscreteVPDenoiser
 
 
-def truncated_lognormal(count: int, mean: float, std: float, upper: float | None, *,
-                        device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
+def truncated_lognormal(
+    count: int,
+    mean: float,
+    std: float,
+    upper: float | None,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Samples of ``exp(N(mean, std^2))`` conditioned to be <= ``upper`` (no truncation if None)."""
     normal = torch.distributions.Normal(0.0, 1.0)
     top = 1.0 if upper is None else float(normal.cdf(torch.tensor((math.log(upper) - mean) / std)))
@@ -26,9 +33,16 @@ def truncated_lognormal(count: int, mean: float, std: float, upper: float | None
     return (mean + std * normal.icdf(uniform)).exp()
 
 
-def edm_loss(denoiser: torch.nn.Module, x0: Tensor, class_labels: Tensor | None = None, *,
-             p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
-             sigma_upper: float | None = None) -> Tensor:
+def edm_loss(
+    denoiser: torch.nn.Module,
+    x0: Tensor,
+    class_labels: Tensor | None = None,
+    *,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    sigma_data: float = 0.5,
+    sigma_upper: float | None = None,
+) -> Tensor:
     """EDM's weighted denoising loss (per example mean over pixels, then batch mean)."""
     sigma = truncated_lognormal(len(x0), p_mean, p_std, sigma_upper, device=x0.device)
     s = append_dims(sigma, x0.ndim)
@@ -38,8 +52,13 @@ def edm_loss(denoiser: torch.nn.Module, x0: Tensor, class_labels: Tensor | None 
     return (weight * (denoised - x0) ** 2).mean()
 
 
-def ddpm_loss(denoiser: DiscreteVPDenoiser, x0: Tensor, class_labels: Tensor | None = None, *,
-              max_timestep: int | None = None) -> Tensor:
+def ddpm_loss(
+    denoiser: DiscreteVPDenoiser,
+    x0: Tensor,
+    class_labels: Tensor | None = None,
+    *,
+    max_timestep: int | None = None,
+) -> Tensor:
     """DDPM's simple loss on the network output (eps or v target; x0 for x0-prediction)."""
     schedule: DiscreteSchedule = denoiser.schedule
     limit = schedule.steps if max_timestep is None else max_timestep

@@ -21,12 +21,20 @@ class SampleGrid(pl.Callback):
     callback set works for every task.
     """
 
-    def __init__(self, every_n_steps: int = 1000, seeds: int = 64, sampler: str = "heun", steps: int = 18,
-                 output_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        seeds: int = 64,
+        sampler: str = "heun",
+        steps: int = 18,
+        output_dir: str | None = None,
+    ) -> None:
         self.every_n_steps, self.seeds, self.output_dir = every_n_steps, seeds, output_dir
         self.sampler = Sampler(sampler, steps)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
             return
@@ -49,7 +57,11 @@ class SampleGrid(pl.Callback):
         noise = SeedNoise(seeds)
         cond = None
         if module.num_classes:
-            cond = {"class_labels": torch.tensor([s % module.num_classes for s in seeds], device=module.device)}
+            cond = {
+                "class_labels": torch.tensor([s % module.num_classes for s in seeds], device=module.device)
+            }
         shape = module.image_shape
-        images = self.sampler.sample(denoiser, noise.randn(shape, device=module.device), cond=cond, generator=noise)
+        images = self.sampler.sample(
+            denoiser, noise.randn(shape, device=module.device), cond=cond, generator=noise
+        )
         return grid(to_uint8(images), nrow=int(np.ceil(np.sqrt(len(seeds)))))

@@ -39,13 +39,26 @@ class ClassifierModule(pl.LightningModule):
     accuracy at ``sigma_min``). Validation noise is the same at every validation, so curves compare.
     """
 
-    def __init__(self, net: DictConfig | dict, noisy: bool = False, sigma_data: float = 0.5,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: DictConfig | dict,
+        noisy: bool = False,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        lr: float = 1e-3,
+        head_lr_scale: float = 1.0,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         check_choice("task.lr_schedule", lr_schedule, LR_SCHEDULES)
         check_range("task.lr", lr, low=0, low_inclusive=False)
+        check_range("task.head_lr_scale", head_lr_scale, low=0, low_inclusive=False)
         check_range("task.sigma_min", sigma_min, low=0, low_inclusive=False)
         check_range("task.sigma_max", sigma_max, low=sigma_min, low_inclusive=False)
         check_range("task.p_std", p_std, low=0, low_inclusive=False)
@@ -108,15 +121,31 @@ class ClassifierModule(pl.LightningModule):
 
         return export_classifier(self, path)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The network's parameters, the output layer (``net.head``, if any) at ``lr * head_lr_scale``.
+
+        Why a separate rate: NoisyClassifier's pooled features (GroupNorm, SiLU, average pool) are
+        O(0.3), so confident logits need output weights of O(10); Adam moves a weight about ``lr`` per
+        step, so with one rate the logits stay under-confident for thousands of steps.
+        """
+        head = getattr(self.net, "head", None)
+        head_params = list(head.parameters()) if isinstance(head, torch.nn.Module) else []
+        if not head_params or self.hparams.head_lr_scale == 1.0:
+            return [{"params": list(self.net.parameters())}]
+        head_ids = {id(p) for p in head_params}
+        body = [p for p in self.net.parameters() if id(p) not in head_ids]
+        return [{"params": body}, {"params": head_params, "lr": self.hparams.lr * self.hparams.head_lr_scale}]
+
     def configure_optimizers(self) -> Any:
         """Adam; a linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at the end."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.Adam(self.parameter_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
         if not hp.warmup_steps and hp.lr_schedule == "constant":
             return optimizer
         total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=hp.warmup_steps,
-                                                                         total=total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(lr_factor, warmup=hp.warmup_steps, total=total)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

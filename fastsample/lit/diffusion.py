@@ -12,8 +12,8 @@ from fastsample.diffusion.build import wrap_network
 from fastsample.diffusion.denoiser import Denoiser
 from fastsample.diffusion.losses import ddpm_loss, edm_loss
 from fastsample.models.ema import make_ema
-from fastsample.utils.instantiation import instantiate
 from fastsample.utils.errors import check_choice, check_range
+from fastsample.utils.instantiation import instantiate
 
 OBJECTIVES = ("edm", "ddpm")
 
@@ -25,11 +25,25 @@ class DiffusionModule(pl.LightningModule):
     carry it and can be rebuilt without the original Hydra run.
     """
 
-    def __init__(self, net: DictConfig | dict, objective: str = "edm", prediction: str = "eps",
-                 beta_schedule: str = "linear", timesteps: int = 1000, max_timestep: int | None = None,
-                 sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 p_mean: float = -1.2, p_std: float = 1.2, lr: float = 2e-4, warmup_steps: int = 0,
-                 weight_decay: float = 0.0, ema_decay: float = 0.999, grad_clip: float | None = None) -> None:
+    def __init__(
+        self,
+        net: DictConfig | dict,
+        objective: str = "edm",
+        prediction: str = "eps",
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        max_timestep: int | None = None,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        lr: float = 2e-4,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        grad_clip: float | None = None,
+    ) -> None:
         super().__init__()
         check_choice("task.objective", objective, OBJECTIVES)
         check_range("task.lr", lr, low=0, low_inclusive=False)
@@ -43,17 +57,26 @@ class DiffusionModule(pl.LightningModule):
         # The average is updated in place, never by gradients; frozen, DDP does not see it as unused.
         self.ema = make_ema(self.net, ema_decay).requires_grad_(False)
         self.image_shape = tuple(getattr(self.net, "input_shape", ()) or ()) or None
-        self.num_classes = net_config.get("num_classes")
+        # wrappers (Patchify) nest the backbone config one level down
+        self.num_classes = net_config.get("num_classes") or net_config.get("net", {}).get("num_classes")
 
     # -- the denoiser view used by samplers and exports ----------------------------------------
     def parametrization(self) -> dict[str, Any]:
         """How the raw network maps to sigma space (stored in exported bundles)."""
         hp = self.hparams
         if hp.objective == "edm":
-            return {"kind": "edm", "sigma_data": hp.sigma_data, "sigma_min": hp.sigma_min,
-                    "sigma_max": hp.sigma_max}
-        return {"kind": "ddpm", "prediction": hp.prediction, "beta_schedule": hp.beta_schedule,
-                "timesteps": hp.timesteps}
+            return {
+                "kind": "edm",
+                "sigma_data": hp.sigma_data,
+                "sigma_min": hp.sigma_min,
+                "sigma_max": hp.sigma_max,
+            }
+        return {
+            "kind": "ddpm",
+            "prediction": hp.prediction,
+            "beta_schedule": hp.beta_schedule,
+            "timesteps": hp.timesteps,
+        }
 
     def denoiser(self, ema: bool = True) -> Denoiser:
         """The (EMA) network wrapped as ``D(x, sigma, class_labels=...)``."""
@@ -75,8 +98,15 @@ class DiffusionModule(pl.LightningModule):
         labels = labels if self.num_classes else None
         denoiser, hp = self.denoiser(ema=ema), self.hparams
         if hp.objective == "edm":
-            return edm_loss(denoiser, images, labels, p_mean=hp.p_mean, p_std=hp.p_std,
-                            sigma_data=hp.sigma_data, sigma_upper=self.sigma_upper())
+            return edm_loss(
+                denoiser,
+                images,
+                labels,
+                p_mean=hp.p_mean,
+                p_std=hp.p_std,
+                sigma_data=hp.sigma_data,
+                sigma_upper=self.sigma_upper(),
+            )
         return ddpm_loss(denoiser, images, labels, max_timestep=hp.max_timestep)
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -107,5 +137,7 @@ class DiffusionModule(pl.LightningModule):
         optimizer = torch.optim.Adam(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if not hp.warmup_steps:
             return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps))
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

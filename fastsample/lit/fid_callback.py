@@ -63,12 +63,23 @@ class FIDCallback(pl.Callback):
         prefix: the metric's stage name.
     """
 
-    def __init__(self, every_n_steps: int = 5000, num_samples: int = 1000, sampler: str = "heun",
-                 steps: int = 18, extractor: FeatureExtractor | Mapping | None = None,
-                 reference: str | os.PathLike | None = None, split: str = "test",
-                 reference_out: str | os.PathLike | None = None, kid: bool = True,
-                 kid_subset_size: int = 1000, batch_size: int = 250, seed_offset: int = 0,
-                 prefix: str = "val", sampler_kwargs: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 1000,
+        sampler: str = "heun",
+        steps: int = 18,
+        extractor: FeatureExtractor | Mapping | None = None,
+        reference: str | os.PathLike | None = None,
+        split: str = "test",
+        reference_out: str | os.PathLike | None = None,
+        kid: bool = True,
+        kid_subset_size: int = 1000,
+        batch_size: int = 250,
+        seed_offset: int = 0,
+        prefix: str = "val",
+        sampler_kwargs: Mapping | None = None,
+    ) -> None:
         check_range("callbacks.fid.num_samples", num_samples, low=2)
         check_range("callbacks.fid.batch_size", batch_size, low=1)
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
@@ -78,6 +89,7 @@ class FIDCallback(pl.Callback):
         self.kid, self.kid_subset_size, self.prefix = kid, kid_subset_size, prefix
         self.seeds = list(range(seed_offset, seed_offset + num_samples))
         self.evaluator: Evaluator | None = None
+        self._last_step = -1
 
     # -- setup -------------------------------------------------------------------------------------
     def _extractor(self) -> FeatureExtractor:
@@ -98,18 +110,27 @@ class FIDCallback(pl.Callback):
     def setup_evaluator(self, trainer: Any, module: Any) -> Evaluator:
         """The evaluator on the module's device, with the reference loaded or built from the data."""
         scores = ["fid", "kid"] if self.kid else ["fid"]
-        evaluator = Evaluator(self._extractor(), scores=scores, batch_size=self.batch_size,
-                              keep_features=self.num_samples if self.kid else 0, keep_logits=0,
-                              kid_subset_size=self.kid_subset_size, device=module.device)
+        evaluator = Evaluator(
+            self._extractor(),
+            scores=scores,
+            batch_size=self.batch_size,
+            keep_features=self.num_samples if self.kid else 0,
+            keep_logits=0,
+            kid_subset_size=self.kid_subset_size,
+            device=module.device,
+        )
         if self.reference_path:
             evaluator.reference = read_reference(self.reference_path)
             return evaluator
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not callable(getattr(datamodule, "dataset", None)):
-            fail("FIDCallback needs reference statistics: set callbacks.fid.reference=<.npz> "
-                 "or train with a datamodule")
-        ref = evaluator.build_reference(datamodule, split=self.split,
-                                        dataset=getattr(datamodule, "name", None))
+            fail(
+                "FIDCallback needs reference statistics: set callbacks.fid.reference=<.npz> "
+                "or train with a datamodule"
+            )
+        ref = evaluator.build_reference(
+            datamodule, split=self.split, dataset=getattr(datamodule, "name", None)
+        )
         if self.reference_out:
             ref = save_reference_file(Path(self.reference_out), ref)
         evaluator.reference = ref
@@ -130,18 +151,38 @@ class FIDCallback(pl.Callback):
         if module.num_classes:
             labels = torch.tensor([seed % module.num_classes for seed in self.seeds])
         with eval_mode(denoiser):
-            return self.evaluator.score_sampler(denoiser, self.sampler, self.seeds, self.batch_size,
-                                                shape=module.image_shape, class_labels=labels,
-                                                device=module.device)
+            return self.evaluator.score_sampler(
+                denoiser,
+                self.sampler,
+                self.seeds,
+                self.batch_size,
+                shape=module.image_shape,
+                class_labels=labels,
+                device=module.device,
+            )
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        # Step 0 is the untrained model; with gradient accumulation several batches share one step.
+        if (
+            self.every_n_steps <= 0
+            or step == 0
+            or step % self.every_n_steps
+            or step == self._last_step
+            or not trainer.is_global_zero
+        ):
             return
+        self._last_step = step
         scores = self.compute(module)
-        # Called on rank 0 only, hence rank_zero_only (Lightning then skips the cross-rank sync).
-        logged = {"fid": scores["fid"], "kid": scores.get("kid_mean")}
-        for name, value in logged.items():
-            if value is not None:
-                module.log(f"{self.prefix}/{name}", float(value), rank_zero_only=True, on_step=True,
-                           on_epoch=False)
+        metrics = {f"{self.prefix}/fid": float(scores["fid"])}
+        if scores.get("kid_mean") is not None:
+            metrics[f"{self.prefix}/kid"] = float(scores["kid_mean"])
+        # Straight to the loggers: a step log would wait for log_every_n_steps, and an expensive,
+        # rare metric must not be dropped. module.log (logger=False) makes it a callback metric
+        # (ModelCheckpoint / early stopping on rank 0, the progress bar); rank 0 only, hence no sync.
+        for logger in getattr(trainer, "loggers", []):
+            logger.log_metrics(metrics, step=step)
+        for name, value in metrics.items():
+            module.log(
+                name, value, logger=False, prog_bar=True, rank_zero_only=True, on_step=True, on_epoch=False
+            )

@@ -46,13 +46,22 @@ class ReferenceStats:
     def describe(self) -> str:
         """One line for logs, e.g. ``cifar10/train (50000 images, 32px, inception-v3-clean)``."""
         meta = {key: "unknown" if value is None else value for key, value in self.metadata().items()}
-        return (f"{meta['dataset']}/{meta['split']} ({meta['count']} images, {meta['resolution']}px, "
-                f"extractor {meta['extractor']}, weights {meta['weights_hash']})")
+        return (
+            f"{meta['dataset']}/{meta['split']} ({meta['count']} images, {meta['resolution']}px, "
+            f"extractor {meta['extractor']}, weights {meta['weights_hash']})"
+        )
 
 
-def save_reference(path: str | os.PathLike, stats: FeatureStats, extractor: FeatureExtractor | str, *,
-                   weights_hash: str | None = None, dataset: str | None = None, split: str | None = None,
-                   resolution: int | None = None) -> ReferenceStats:
+def save_reference(
+    path: str | os.PathLike,
+    stats: FeatureStats,
+    extractor: FeatureExtractor | str,
+    *,
+    weights_hash: str | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    resolution: int | None = None,
+) -> ReferenceStats:
     """Write ``stats`` (mu, sigma, count) and metadata to ``path`` atomically; returns what was written.
 
     ``extractor`` is the extractor itself (its ``name`` and ``weights_hash`` are recorded) or a name.
@@ -61,8 +70,17 @@ def save_reference(path: str | os.PathLike, stats: FeatureStats, extractor: Feat
         name, weights_hash = extractor.name, weights_hash or extractor.weights_hash
     else:
         name = extractor
-    ref = ReferenceStats(stats.mu, stats.sigma, extractor=name, weights_hash=weights_hash, dataset=dataset,
-                         split=split, count=stats.count, resolution=resolution, path=str(path))
+    ref = ReferenceStats(
+        stats.mu,
+        stats.sigma,
+        extractor=name,
+        weights_hash=weights_hash,
+        dataset=dataset,
+        split=split,
+        count=stats.count,
+        resolution=resolution,
+        path=str(path),
+    )
     # Unknown fields are omitted rather than stored as a sentinel, so "absent" means unknown on load.
     metadata = {key: np.array(value) for key, value in ref.metadata().items() if value is not None}
     save_npz_atomic(path, mu=ref.mu.astype(np.float64), sigma=ref.sigma.astype(np.float64), **metadata)
@@ -81,12 +99,16 @@ def load_reference(path: str | os.PathLike) -> ReferenceStats:
         fail(f"reference statistics file {str(path)!r} is not a readable .npz: {err}")
     missing = [key for key in ("mu", "sigma") if key not in arrays]
     if missing:
-        fail(f"reference statistics file {str(path)!r} lacks {', '.join(missing)} "
-             f"(has: {', '.join(sorted(arrays)) or 'nothing'}); expected keys mu and sigma")
+        fail(
+            f"reference statistics file {str(path)!r} lacks {', '.join(missing)} "
+            f"(has: {', '.join(sorted(arrays)) or 'nothing'}); expected keys mu and sigma"
+        )
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        fail(f"reference statistics file {str(path)!r}: mu must be (F,) and sigma (F, F), "
-             f"got {mu.shape} and {sigma.shape}")
+        fail(
+            f"reference statistics file {str(path)!r}: mu must be (F,) and sigma (F, F), "
+            f"got {mu.shape} and {sigma.shape}"
+        )
     metadata = {key: _as_str(arrays[key].item()) for key in STRING_KEYS if key in arrays}
     metadata |= {key: int(arrays[key].item()) for key in INT_KEYS if key in arrays}
     return ReferenceStats(mu=mu, sigma=sigma, path=str(path), **metadata)
@@ -101,14 +123,21 @@ def check_compatible(ref: ReferenceStats, extractor: FeatureExtractor) -> None:
     """Refuse reference stats made by another extractor (or other weights); warn when unknown."""
     where = f"reference statistics {ref.path!r}" if ref.path else "reference statistics"
     if ref.extractor is None:
-        warnings.warn(f"{where} do not record their feature extractor; assuming {extractor.name!r} "
-                      "(EDM's published files were made with inception-v3-legacy-tf)", stacklevel=2)
+        warnings.warn(
+            f"{where} do not record their feature extractor; assuming {extractor.name!r} "
+            "(EDM's published files were made with inception-v3-legacy-tf)",
+            stacklevel=2,
+        )
     elif ref.extractor != extractor.name:
-        fail(f"{where} were made with extractor {ref.extractor!r}, not {extractor.name!r}; "
-             "recompute them with this extractor or choose the matching one")
+        fail(
+            f"{where} were made with extractor {ref.extractor!r}, not {extractor.name!r}; "
+            "recompute them with this extractor or choose the matching one"
+        )
     if ref.weights_hash is not None and ref.weights_hash != extractor.weights_hash:
-        fail(f"{where} were made with {ref.extractor} weights {ref.weights_hash}, "
-             f"but the extractor's weights hash to {extractor.weights_hash}")
+        fail(
+            f"{where} were made with {ref.extractor} weights {ref.weights_hash}, "
+            f"but the extractor's weights hash to {extractor.weights_hash}"
+        )
     dim = getattr(extractor, "num_features", None)
     if dim is not None and len(ref.mu) != dim:
         fail(f"{where} have {len(ref.mu)}-dim features, but {extractor.name!r} gives {dim}")

@@ -93,8 +93,9 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def kid(feats1: ArrayLike, feats2: ArrayLike, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    feats1: ArrayLike, feats2: ArrayLike, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance (mean, std over ``subsets`` random subsets) in float64.
 
     Each subset draws ``subset_size`` rows (clipped to the smaller set) without replacement from each
@@ -129,8 +130,9 @@ def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return within / (m * (m - 1)) - 2.0 * kernel(x, y).sum() / (m * m)
 
 
-def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3,
-                     batch_size: int = 1024) -> tuple[float, float]:
+def precision_recall(
+    real: ArrayLike, fake: ArrayLike, k: int = 3, batch_size: int = 1024
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds, in float64.
 
     Precision: fraction of ``fake`` rows inside the ball of some ``real`` row, each ball's radius being
@@ -141,8 +143,10 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3,
     fake_t = as_float64(fake, real_t.device)
     _check_same_dim(real_t, fake_t)
     if min(len(real_t), len(fake_t)) <= k:
-        fail(f"precision/recall with k={k} needs more than {k} samples per set, "
-             f"got {len(real_t)} real and {len(fake_t)} fake")
+        fail(
+            f"precision/recall with k={k} needs more than {k} samples per set, "
+            f"got {len(real_t)} real and {len(fake_t)} fake"
+        )
     precision = _coverage(fake_t, real_t, _knn_radii(real_t, k, batch_size), batch_size)
     recall = _coverage(real_t, fake_t, _knn_radii(fake_t, k, batch_size), batch_size)
     return precision, recall
@@ -150,8 +154,9 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3,
 
 def _knn_radii(points: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     # The (k+1)-th smallest distance skips the point itself (distance 0).
-    return torch.cat([torch.cdist(chunk, points).kthvalue(k + 1, dim=1).values
-                      for chunk in points.split(batch_size)])
+    return torch.cat(
+        [torch.cdist(chunk, points).kthvalue(k + 1, dim=1).values for chunk in points.split(batch_size)]
+    )
 
 
 def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:

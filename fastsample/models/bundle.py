@@ -43,8 +43,10 @@ def export_bundle(module: Any, path: str | os.PathLike) -> Path:
 
 def _read(path: Path, setting: str = "model.path") -> dict[str, Any]:
     if not path.is_file():
-        fail(f"{setting}={str(path)!r} does not exist; give an exported bundle (.pt) or a Lightning "
-             f"checkpoint (.ckpt) written by train.py")
+        fail(
+            f"{setting}={str(path)!r} does not exist; give an exported bundle (.pt) or a Lightning "
+            f"checkpoint (.ckpt) written by train.py"
+        )
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated / not a torch file: say which file and why
@@ -64,14 +66,17 @@ def _load_weights(net: torch.nn.Module, state_dict: dict[str, Any], path: Path, 
         fail(f"{setting}={str(path)!r} does not fit the network it describes ({first})")
 
 
-def _task_hparams(checkpoint: dict[str, Any], path: Path, setting: str, module_class: type,
-                  task: str) -> dict[str, Any]:
+def _task_hparams(
+    checkpoint: dict[str, Any], path: Path, setting: str, module_class: type, task: str
+) -> dict[str, Any]:
     """A Lightning checkpoint's hyper-parameters, checked to be those of ``module_class``."""
     hp = dict(checkpoint.get("hyper_parameters") or {})
     allowed = set(inspect.signature(module_class.__init__).parameters) - {"self"}
     if "net" not in hp or set(hp) - allowed:
-        fail(f"{setting}={str(path)!r} is not a checkpoint of task={task} "
-             f"(hyper-parameters: {sorted(hp) or 'none'})")
+        fail(
+            f"{setting}={str(path)!r} is not a checkpoint of task={task} "
+            f"(hyper-parameters: {sorted(hp) or 'none'})"
+        )
     return hp
 
 
@@ -82,8 +87,13 @@ def _from_lightning(checkpoint: dict[str, Any], path: Path, setting: str = "mode
     hp = _task_hparams(checkpoint, path, setting, DiffusionModule, "diffusion")
     module = DiffusionModule(**hp)
     _load_weights(module, checkpoint["state_dict"], path, setting)
-    return {"net": hp["net"], "parametrization": module.parametrization(), "num_classes": module.num_classes,
-            "image_shape": module.image_shape, "state_dict": module.ema.module.state_dict()}
+    return {
+        "net": hp["net"],
+        "parametrization": module.parametrization(),
+        "num_classes": module.num_classes,
+        "image_shape": module.image_shape,
+        "state_dict": module.ema.module.state_dict(),
+    }
 
 
 def load_bundle(path: str | os.PathLike, **overrides: Any) -> Denoiser:
@@ -94,15 +104,18 @@ def load_bundle(path: str | os.PathLike, **overrides: Any) -> Denoiser:
 
 def _denoiser(content: dict[str, Any], path: Path, setting: str, overrides: dict[str, Any]) -> Denoiser:
     if content.get("format") == CLASSIFIER_FORMAT:
-        fail(f"{setting}={str(path)!r} is a classifier bundle (task=classifier), not a diffusion model; "
-             "use it as a guidance classifier or metric feature network (load_classifier)")
+        fail(
+            f"{setting}={str(path)!r} is a classifier bundle (task=classifier), not a diffusion model; "
+            "use it as a guidance classifier or metric feature network (load_classifier)"
+        )
     if content.get("format") != BUNDLE_FORMAT:
         content = _from_lightning(content, path, setting)
     net = _instantiate_net(content, path, setting)
     _load_weights(net, content["state_dict"], path, setting)
     image_shape = tuple(content["image_shape"]) if content.get("image_shape") else None
-    denoiser = wrap_network(net, {**content["parametrization"], **overrides}, image_shape,
-                            content.get("num_classes"))
+    denoiser = wrap_network(
+        net, {**content["parametrization"], **overrides}, image_shape, content.get("num_classes")
+    )
     return denoiser.eval().requires_grad_(False)
 
 
@@ -152,8 +165,10 @@ def load_classifier(path: str | os.PathLike, setting: str = "classifier.path") -
 
 def _classifier(content: dict[str, Any], path: Path, setting: str) -> SigmaClassifier:
     if content.get("format") == BUNDLE_FORMAT:
-        fail(f"{setting}={str(path)!r} is a diffusion model bundle, not a classifier; train one with "
-             "train.py task=classifier (or experiment=pretrain_classifier)")
+        fail(
+            f"{setting}={str(path)!r} is a diffusion model bundle, not a classifier; train one with "
+            "train.py task=classifier (or experiment=pretrain_classifier)"
+        )
     if content.get("format") != CLASSIFIER_FORMAT:
         from fastsample.lit.classifier import ClassifierModule
 
@@ -180,8 +195,10 @@ def asset_path(name: str) -> Path:
     """The path of shipped model ``name``; a missing file says how to build it."""
     path = assets_dir() / name
     if not path.is_file():
-        fail(f"shipped model {name!r} not found at {path}; `make pretrain` trains and installs it "
-             f"(CPU, Fashion-MNIST), or set {ASSETS_ENV}=DIR to a folder that holds it")
+        fail(
+            f"shipped model {name!r} not found at {path}; `make pretrain` trains and installs it "
+            f"(CPU, Fashion-MNIST), or set {ASSETS_ENV}=DIR to a folder that holds it"
+        )
     return path
 
 

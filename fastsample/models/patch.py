@@ -31,8 +31,9 @@ class Patchify(nn.Module):
         p = self.patch_size
         return channels // p**2, height * p, width * p
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.input_shape:
             fail(f"model expects (C,H,W)={self.input_shape}, got {tuple(x.shape[1:])}")
         out = self.net(F.pixel_unshuffle(x, self.patch_size), noise_labels, class_labels)

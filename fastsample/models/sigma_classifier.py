@@ -33,8 +33,9 @@ from fastsample.utils.errors import check_choice, fail
 INPUT_KINDS = ("edm", "clean")
 
 
-def input_convention(noisy: bool, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                     noise_label: float = 0.0) -> dict[str, Any]:
+def input_convention(
+    noisy: bool, sigma_data: float = 0.5, sigma_min: float = 0.002, noise_label: float = 0.0
+) -> dict[str, Any]:
     """The ``input`` record stored in classifier bundles (see the module docstring)."""
     if noisy:
         return {"kind": "edm", "sigma_data": float(sigma_data), "sigma_min": float(sigma_min)}

@@ -72,8 +72,14 @@ class NoiseEmbedding(nn.Module):
     what classifier-free guidance needs.
     """
 
-    def __init__(self, model_channels: int, emb_channels: int, embedding: str = "positional",
-                 num_classes: int | None = None, class_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        model_channels: int,
+        emb_channels: int,
+        embedding: str = "positional",
+        num_classes: int | None = None,
+        class_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         check_choice("model.embedding", embedding, EMBEDDINGS)
         check_range("model.class_dropout", class_dropout, low=0.0, high=1.0)
@@ -81,8 +87,9 @@ class NoiseEmbedding(nn.Module):
             check_range("model.num_classes", num_classes, low=1)
         embed = PositionalEmbedding if embedding == "positional" else FourierEmbedding
         self.noise = embed(model_channels)
-        self.mlp = nn.Sequential(nn.Linear(model_channels, emb_channels), nn.SiLU(),
-                                 nn.Linear(emb_channels, emb_channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
         self.num_classes, self.class_dropout = num_classes, class_dropout
         self.classes = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
 
@@ -93,16 +100,19 @@ class NoiseEmbedding(nn.Module):
             return emb
         return emb + self.classes(self.class_index(class_labels, len(noise_labels), emb.device))
 
-    def class_index(self, class_labels: torch.Tensor | None, batch: int,
-                    device: torch.device) -> torch.Tensor:
+    def class_index(
+        self, class_labels: torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor:
         """Map labels to embedding rows: -1 / None -> null, training-mode dropout -> null."""
         null = self.num_classes
         if class_labels is None:
             return torch.full((batch,), null, dtype=torch.long, device=device)
         labels = class_labels.long().to(device).reshape(-1).expand(batch)
         if bool(((labels < -1) | (labels > null)).any()):
-            fail(f"class labels must be in [-1, {null}] (-1 and {null} mean 'no class'); "
-                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
+            fail(
+                f"class labels must be in [-1, {null}] (-1 and {null} mean 'no class'); "
+                f"got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
         labels = torch.where(labels < 0, torch.full_like(labels, null), labels)
         if self.training and self.class_dropout > 0:
             drop = torch.rand(batch, device=device) < self.class_dropout
@@ -113,8 +123,9 @@ class NoiseEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the embedding as scale/shift (FiLM) on the second norm."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
-                 groups: int = 32) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0, groups: int = 32
+    ) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -138,8 +149,10 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int = 1, groups: int = 32) -> None:
         super().__init__()
         if channels % num_heads:
-            fail(f"model.num_heads={num_heads} does not divide the {channels} channels of an attention "
-                 f"block; use a divisor of {channels}")
+            fail(
+                f"model.num_heads={num_heads} does not divide the {channels} channels of an attention "
+                f"block; use a divisor of {channels}"
+            )
         self.num_heads = num_heads
         self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -193,9 +206,11 @@ def feature_resolutions(image_size: int, channel_mult: Sequence[int]) -> list[in
     factor = 2 ** (levels - 1)
     if image_size % factor:
         allowed = ", ".join(str(factor * k) for k in range(1, 5))
-        fail(f"model.image_size={image_size} is not divisible by 2**(len(model.channel_mult)-1)={factor} "
-             f"for channel_mult={list(channel_mult)}; use a multiple of {factor} ({allowed}, ...) "
-             f"or fewer levels")
+        fail(
+            f"model.image_size={image_size} is not divisible by 2**(len(model.channel_mult)-1)={factor} "
+            f"for channel_mult={list(channel_mult)}; use a multiple of {factor} ({allowed}, ...) "
+            f"or fewer levels"
+        )
     return [image_size // 2**level for level in range(levels)]
 
 
@@ -203,31 +218,48 @@ def check_input(x: torch.Tensor, expected: tuple[int, int, int]) -> None:
     """Fail unless ``x`` is a (B, C, H, W) batch with (C, H, W) == ``expected``."""
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
         got = tuple(x.shape[1:]) if x.ndim == 4 else tuple(x.shape)
-        fail(f"model expects (C,H,W)={expected}, got {got}; check model.in_channels / model.image_size "
-             f"against the data")
+        fail(
+            f"model expects (C,H,W)={expected}, got {got}; check model.in_channels / model.image_size "
+            f"against the data"
+        )
 
 
 def broadcast_labels(noise_labels: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
     """Accept a (B,) tensor, a single-element tensor or a float and return a float (B,) tensor."""
     labels = torch.as_tensor(noise_labels, dtype=torch.float32, device=device).reshape(-1)
     if labels.numel() not in (1, batch):
-        fail(f"noise_labels must have one value per batch item ({batch}) or a single value; "
-             f"got {labels.numel()}")
+        fail(
+            f"noise_labels must have one value per batch item ({batch}) or a single value; "
+            f"got {labels.numel()}"
+        )
     return labels.expand(batch)
 
 
 class UNetEncoder(nn.Module):
     """Input conv, the down path and the middle block; returns the middle features and the skips."""
 
-    def __init__(self, in_channels: int, image_size: int, model_channels: int, channel_mult: Sequence[int],
-                 num_res_blocks: int, attention_resolutions: Sequence[int], num_heads: int, dropout: float,
-                 emb_channels: int, groups: int, mid_attention: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        model_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        num_heads: int,
+        dropout: float,
+        emb_channels: int,
+        groups: int,
+        mid_attention: bool = True,
+    ) -> None:
         super().__init__()
         resolutions = feature_resolutions(image_size, channel_mult)
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
-            fail(f"model.attention_resolutions={list(attention_resolutions)} contains {unknown}, not a "
-                 f"feature resolution of this network ({resolutions}); choose from those")
+            fail(
+                f"model.attention_resolutions={list(attention_resolutions)} contains {unknown}, not a "
+                f"feature resolution of this network ({resolutions}); choose from those"
+            )
         check_range("model.num_res_blocks", num_res_blocks, low=1)
         check_range("model.dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
 
@@ -256,7 +288,8 @@ class UNetEncoder(nn.Module):
     def make_block(self, in_channels: int, out_channels: int, resolution: int) -> EmbSequential:
         """A residual block, followed by self-attention when ``resolution`` is an attention resolution."""
         layers: list[nn.Module] = [
-            ResBlock(in_channels, out_channels, self.emb_channels, self.dropout, self.groups)]
+            ResBlock(in_channels, out_channels, self.emb_channels, self.dropout, self.groups)
+        ]
         if resolution in self.attention_resolutions:
             layers.append(AttentionBlock(out_channels, self.num_heads, self.groups))
         return EmbSequential(layers)
@@ -273,8 +306,14 @@ class UNetEncoder(nn.Module):
 class UNetDecoder(nn.Module):
     """The up path: ``num_res_blocks + 1`` blocks per level, each consuming one encoder skip."""
 
-    def __init__(self, encoder: UNetEncoder, model_channels: int, channel_mult: Sequence[int],
-                 num_res_blocks: int, resolutions: Sequence[int]) -> None:
+    def __init__(
+        self,
+        encoder: UNetEncoder,
+        model_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        resolutions: Sequence[int],
+    ) -> None:
         super().__init__()
         skips = list(encoder.skip_channels)
         channels = encoder.out_channels
@@ -303,11 +342,23 @@ class UNet(nn.Module):
     ``class_labels=None``) for classifier-free guidance; an unconditional model ignores labels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, image_size: int = 32,
-                 model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, dropout: float = 0.0,
-                 embedding: str = "positional", num_classes: int | None = None, class_dropout: float = 0.0,
-                 groups: int = 32, mid_attention: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        image_size: int = 32,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        embedding: str = "positional",
+        num_classes: int | None = None,
+        class_dropout: float = 0.0,
+        groups: int = 32,
+        mid_attention: bool = True,
+    ) -> None:
         super().__init__()
         check_range("model.in_channels", in_channels, low=1)
         check_range("model.model_channels", model_channels, low=1)
@@ -317,11 +368,26 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         emb_channels = 4 * model_channels
         self.embed = NoiseEmbedding(model_channels, emb_channels, embedding, num_classes, class_dropout)
-        self.encoder = UNetEncoder(in_channels, image_size, model_channels, channel_mult, num_res_blocks,
-                                   attention_resolutions, num_heads, dropout, emb_channels, groups,
-                                   mid_attention)
-        self.decoder = UNetDecoder(self.encoder, model_channels, channel_mult, num_res_blocks,
-                                   feature_resolutions(image_size, channel_mult))
+        self.encoder = UNetEncoder(
+            in_channels,
+            image_size,
+            model_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            num_heads,
+            dropout,
+            emb_channels,
+            groups,
+            mid_attention,
+        )
+        self.decoder = UNetDecoder(
+            self.encoder,
+            model_channels,
+            channel_mult,
+            num_res_blocks,
+            feature_resolutions(image_size, channel_mult),
+        )
         self.norm_out = group_norm(self.decoder.out_channels, groups)
         self.conv_out = zero_init(nn.Conv2d(self.decoder.out_channels, self.out_channels, 3, padding=1))
 
@@ -330,8 +396,9 @@ class UNet(nn.Module):
         """(C, H, W) the network accepts."""
         return (self.in_channels, self.image_size, self.image_size)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor | float,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor | float, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict a (B, out_channels, H, W) tensor from ``x`` at noise level ``noise_labels``."""
         check_input(x, self.input_shape)
         emb = self.embed(broadcast_labels(noise_labels, len(x), x.device), class_labels)
