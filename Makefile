@@ -45,7 +45,9 @@ format: install  ## ruff format + autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install data  ## benchmarks under bench/ (print tables)
+bench: install data  ## benchmarks under bench/ (print tables; docs/samplers.md has the results)
+	$(PY) bench/convergence_order.py
+	$(PY) bench/few_step_multistep.py
 	$(PY) bench/sampler_overhead.py
 
 # Shipped models: train into $(PRETRAIN_DIR)/<name> (rerunning resumes from its last checkpoint), then
