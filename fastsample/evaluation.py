@@ -663,7 +663,7 @@ def score_samples_path(evaluator: Evaluator, samples: str | os.PathLike) -> dict
 
 def generate_and_score(cfg: Any, evaluator: Evaluator, device: torch.device) -> tuple[dict[str, float], dict]:
     """Sample ``cfg.seeds`` with ``cfg.model`` + ``cfg.sampler`` (sample.py's building blocks) and score."""
-    from fastsample.sampling import build_guidance, build_model, data_shape, labels_for
+    from fastsample.sampling import build_guidance, build_model, data_shape, describe_run, labels_for
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.seeding import parse_seeds
 
@@ -687,12 +687,7 @@ def generate_and_score(cfg: Any, evaluator: Evaluator, device: torch.device) -> 
         device=device,
     )
     info = {
-        "sampler": sampler.name,
-        "steps": sampler.steps,
-        "nfe": sampler.nfe,
-        "schedule": sampler.schedule.kind,
-        "knobs": dict(sampler.knobs),
-        "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
+        **describe_run(sampler, model),
         "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})",
     }
     return metrics, info

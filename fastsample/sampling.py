@@ -91,6 +91,23 @@ def generate_batch(
     return sampler.sample(model, noise, cond=cond, guidance=guidance, generator=noise_source)
 
 
+def shard_path(shard_dir: Path, batch: list[int]) -> Path:
+    """The shard file of one batch of seeds."""
+    return shard_dir / f"seeds-{batch[0]:08d}-{batch[-1]:08d}.npz"
+
+
+def describe_run(sampler: Sampler, model: Any) -> dict[str, Any]:
+    """What was sampled with what: recorded in run.json and in evaluation results."""
+    return {
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "schedule": sampler.schedule.kind,
+        "knobs": dict(sampler.knobs),
+        "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
+    }
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run the sampling job described by ``cfg``; returns the run summary (also in run.json)."""
     check_choice("precision", cfg.get("precision", "float32"), ("float32", "float64"))
@@ -112,7 +129,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     batches = [seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
     start, generated = time.perf_counter(), 0
     for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, unit="batch"):
-        shard = shard_dir / f"seeds-{batch[0]:08d}-{batch[-1]:08d}.npz"
+        shard = shard_path(shard_dir, batch)
         if shard.exists():
             continue  # finished by an earlier, interrupted run of the same config
         batch_labels = labels[[seeds.index(s) for s in batch]] if labels is not None else None
@@ -127,16 +144,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         )
         generated += len(batch)
     elapsed = time.perf_counter() - start
-    shards = [shard_dir / f"seeds-{b[0]:08d}-{b[-1]:08d}.npz" for b in batches]
+    shards = [shard_path(shard_dir, batch) for batch in batches]
     stream_npz(shards, out_dir / "samples.npz")
     save_first_grid(shards, out_dir / "grid.png", cfg.get("grid_size", 64))
     summary = {
-        "sampler": sampler.name,
-        "steps": sampler.steps,
-        "nfe": sampler.nfe,
-        "schedule": sampler.schedule.kind,
-        "knobs": dict(sampler.knobs),
-        "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
+        **describe_run(sampler, model),
         "samples": len(seeds),
         "generated_this_run": generated,
         "wall_time_s": round(elapsed, 3),

@@ -20,32 +20,19 @@ Example (conf/callbacks/*.yaml)::
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from fastsample.evaluation import Evaluator, read_reference, save_reference_file
 from fastsample.metrics import FeatureExtractor
+from fastsample.metrics.features import eval_mode
 from fastsample.samplers import Sampler
 from fastsample.utils.errors import check_range, fail
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode (dropout off), then restore each submodule's own mode."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
 
 
 class FIDCallback(pl.Callback):

@@ -80,7 +80,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: ArrayLike) -> Output:
-        with _eval_mode(self):
+        with eval_mode(self):
             features, logits = self.embed(self.preprocess(images))
         return {"features": features.flatten(1), "logits": logits}
 
@@ -97,7 +97,7 @@ class FeatureExtractor(nn.Module):
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Evaluate in eval mode (batch norm, dropout), then restore each submodule's own mode.
 
     Restoring per submodule matters for a wrapped classifier that is shared with a training loop.
