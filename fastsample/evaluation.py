@@ -449,7 +449,8 @@ class Evaluator:
 
         Uses :func:`fastsample.sampling.generate_batch` (per-seed noise), so the images are those
         ``sample.py`` would write for the same seeds. ``class_labels`` holds one label per seed.
-        Adds ``nfe``, ``sampling_s`` (generation wall time) and ``images_per_s`` to the scores.
+        Adds ``nfe``, ``sampling_s`` (generation wall time) and ``images_per_s`` to the scores, and
+        ``class_accuracy`` (argmax of the extractor's logits == the label) when labels are given.
         """
         from fastsample.sampling import generate_batch
 
@@ -480,7 +481,12 @@ class Evaluator:
                 timer["sampling_s"] += time.perf_counter() - begin
                 yield images.float()
 
-        results = self.score_images(batches(), what=f"samples of {getattr(sampler, 'name', 'the sampler')}")
+        stats = self.features(batches(), what=f"samples of {getattr(sampler, 'name', 'the sampler')}")
+        results = self.score_stats(stats)
+        if class_labels is not None and stats.logits is not None and len(stats.logits) == len(seeds):
+            # Conditional samples: how often the extractor's classifier agrees with the label asked for.
+            predicted = np.asarray(stats.logits).argmax(axis=1)
+            results["class_accuracy"] = float((predicted == class_labels.cpu().numpy()).mean())
         results["nfe"] = getattr(sampler, "nfe", None)
         results["sampling_s"] = round(timer["sampling_s"], 4)
         elapsed = timer["sampling_s"]

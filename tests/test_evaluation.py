@@ -515,3 +515,35 @@ def test_fid_callback_in_a_lightning_run(classifier, tmp_path):
     assert {"val/fid", "val/kid"} <= set(trainer.callback_metrics)
     logged = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "val/fid" in logged.splitlines()[0]
+
+
+def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bundle, tmp_path):
+    """The engine of `make demo` / bench/fid_vs_nfe.py: rows per (sampler, steps), same seeds, files."""
+    from fastsample.benchmark import BenchSettings, fid_vs_nfe
+
+    settings = BenchSettings(
+        samplers=("euler", "dpmpp_2m"),
+        steps=(2, 8),
+        num_samples=120,
+        model="gmm_digits",
+        dataset="digits",
+        split="train",
+        device="cpu",
+        out=str(tmp_path / "bench"),
+    )
+    overrides = [f"metrics.path={classifier_bundle}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    rows = fid_vs_nfe(settings, [*overrides, "class_labels=cycle", "evaluator.kid_subset_size=100"])
+    assert [(row["sampler"], row["steps"]) for row in rows] == [
+        ("exact", 0),
+        ("euler", 2),
+        ("euler", 8),
+        ("dpmpp_2m", 2),
+        ("dpmpp_2m", 8),
+    ]
+    by_key = {(row["sampler"], row["steps"]): row for row in rows}
+    # More steps -> closer to the mixture; the class-conditional mixture's samples carry their label.
+    assert by_key[("dpmpp_2m", 8)]["fid"] < by_key[("euler", 2)]["fid"]
+    assert by_key[("dpmpp_2m", 8)]["class_accuracy"] > 0.7
+    assert by_key[("exact", 0)]["class_accuracy"] is None
+    for name in ("fid_vs_nfe.csv", "fid_vs_nfe.md", "fid_vs_nfe.png"):
+        assert (tmp_path / "bench" / name).stat().st_size > 0
