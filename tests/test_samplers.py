@@ -18,7 +18,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ALL = sorted(SAMPLERS)
 #: model calls for a grid ending at sigma = 0, written out independently of the registry
-EXPECTED_NFE = {name: (lambda n: 2 * n - 1) if name in ("heun", "edm_sde") else (lambda n: n) for name in ALL}
+#: (restart without intervals is its main solver, Heun; tests/test_restart.py counts its restarts)
+EXPECTED_NFE = {
+    name: (lambda n: 2 * n - 1) if name in ("heun", "edm_sde", "restart") else (lambda n: n) for name in ALL
+}
 
 
 def seeded_noise(seeds, shape=(2,), dtype=torch.float64) -> tuple[torch.Tensor, SeedNoise]:
@@ -42,6 +45,7 @@ def test_registry_is_the_expected_set() -> None:
         "ddpm",
         "euler_ancestral",
         "dpmpp_2m_sde",
+        "restart",
     }
 
 
@@ -76,7 +80,7 @@ def test_start_from_an_intermediate_sigma(toy_gmm: GaussianMixture, name: str) -
     positive = make_sigmas(ScheduleSpec(kind="karras", sigma_max=1.0), steps, toy_gmm, append_zero=False)
     counter.calls = 0
     sampler.run(counter, x0 + noise, positive, generator=SeedNoise(range(5)))
-    assert counter.calls == (2 * steps if name in ("heun", "edm_sde") else steps)
+    assert counter.calls == (2 * steps if name in ("heun", "edm_sde", "restart") else steps)
 
 
 def test_intermediate_start_recovers_the_data_distribution(ring_gmm: GaussianMixture) -> None:

@@ -17,7 +17,8 @@ class SamplerSpec:
 
     name: str
     fn: SamplerFn
-    nfe: Callable[[int], int]
+    #: ``nfe(steps)``, or ``nfe(steps, **knobs)`` for samplers whose cost depends on their knobs
+    nfe: Callable[..., int]
     order: int | None
     stochastic: bool
     defaults: tuple[tuple[str, object], ...] = ()
@@ -34,6 +35,17 @@ class SamplerSpec:
         knobs.update(dict(self.defaults))
         return knobs
 
+    def count_nfe(self, steps: int, knobs: dict[str, object] | None = None) -> int:
+        """Model calls for ``steps`` steps on a grid ending at 0, with ``knobs`` (default: the defaults).
+
+        A rule that accepts keywords (e.g. Restart's, whose cost depends on its intervals) is called
+        with all of the sampler's knobs; a plain ``nfe(steps)`` rule with the step count only.
+        """
+        params = inspect.signature(self.nfe).parameters.values()
+        if any(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params):
+            return int(self.nfe(steps, **{**self.knobs(), **(knobs or {})}))
+        return int(self.nfe(steps))
+
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
@@ -45,12 +57,17 @@ def one_call_per_step(steps: int) -> int:
 def register(
     name: str,
     *,
-    nfe: Callable[[int], int] = one_call_per_step,
+    nfe: Callable[..., int] = one_call_per_step,
     order: int | None = None,
     stochastic: bool = False,
     **defaults: object,
 ) -> Callable[[SamplerFn], SamplerFn]:
-    """Register ``fn`` under ``name``; ``defaults`` override its keyword defaults for this name."""
+    """Register ``fn`` under ``name``; ``defaults`` override its keyword defaults for this name.
+
+    ``nfe`` is the model-call count for a step count (grid ending at 0): ``nfe(steps)``, or
+    ``nfe(steps, *, knob=..., **_)`` when the count depends on the knobs (see
+    :meth:`SamplerSpec.count_nfe`).
+    """
 
     def decorate(fn: SamplerFn) -> SamplerFn:
         SAMPLERS[name] = SamplerSpec(name, fn, nfe, order, stochastic, tuple(defaults.items()))

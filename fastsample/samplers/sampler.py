@@ -32,6 +32,13 @@ def _schedule_spec(schedule: ScheduleSpec | dict | str | None) -> ScheduleSpec:
     return ScheduleSpec(**settings, extra=extra)
 
 
+def _plain(value: Any) -> Any:
+    """A knob from a Hydra config as plain Python (lists / dicts such as Restart's intervals)."""
+    from omegaconf import Container, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
 class Sampler:
     """A sampler bound to its settings; call :meth:`sample` with a denoiser and standard normal noise."""
 
@@ -50,12 +57,13 @@ class Sampler:
                 f"sampler.{unknown[0]} is not a setting of sampler {name!r}; "
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
-        self.knobs = {**allowed, **knobs}
+        self.knobs = {**allowed, **{name: _plain(value) for name, value in knobs.items()}}
+        self.spec.count_nfe(self.steps, self.knobs)  # knob-dependent cost rules check their knobs now
 
     @property
     def nfe(self) -> int:
-        """Model calls for one batch with this step count (grid ending at sigma = 0)."""
-        return self.spec.nfe(self.steps)
+        """Model calls for one batch with this step count and knobs (grid ending at sigma = 0)."""
+        return self.spec.count_nfe(self.steps, self.knobs)
 
     def sigmas(self, model: Any) -> Tensor:
         """The float64 sigma grid for ``model``'s range."""
