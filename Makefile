@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
 .PHONY: help install data demo test test-slow lint format bench pretrain pretrain-diffusion \
-	pretrain-classifier pretrain-guidance-classifier clean
+	pretrain-classifier pretrain-guidance-classifier pretrain-vae clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-28s %s\n", $$1, $$2}'
@@ -61,13 +61,16 @@ define pretrain_recipe
 	@echo "installed $(ASSETS)/$(3)"
 endef
 
-pretrain: pretrain-diffusion pretrain-classifier  ## train the shipped Fashion-MNIST models into fastsample/assets
+pretrain: pretrain-diffusion pretrain-classifier pretrain-vae  ## train the shipped Fashion-MNIST models into fastsample/assets
 
 pretrain-diffusion: install data  ## the diffusion model (experiment=pretrain_fmnist) -> assets/fmnist_diffusion.pt
 	$(call pretrain_recipe,pretrain_fmnist,diffusion,fmnist_diffusion.pt)
 
 pretrain-classifier: install data  ## the clean classifier (experiment=pretrain_classifier) -> assets/fmnist_classifier.pt
 	$(call pretrain_recipe,pretrain_classifier,classifier,fmnist_classifier.pt)
+
+pretrain-vae: install data  ## the ES-DDPM prior VAE (experiment=pretrain_vae, ~10 CPU min) -> assets/fmnist_vae.pt
+	$(call pretrain_recipe,pretrain_vae,vae,fmnist_vae.pt)
 
 pretrain-guidance-classifier: install data  ## a noisy guidance classifier -> assets/fmnist_guidance_classifier.pt
 	$(call pretrain_recipe,pretrain_guidance_classifier,guidance_classifier,fmnist_guidance_classifier.pt)
