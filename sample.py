@@ -1,21 +1,63 @@
-"""Generate samples: ``python sample.py model=... sampler=... seeds=0-999`` (see conf/sample.yaml)."""
+"""Generate samples, or search a step schedule: see conf/sample.yaml.
+
+    python sample.py model=... sampler=... seeds=0-999                        (mode=generate)
+    python sample.py mode=optimize_schedule sampler=dpmpp_2m schedule_search.nfe=5 \
+        schedule_search.method=gits|ays                                       (docs/schedules.md)
+"""
 
 import hydra
 from omegaconf import DictConfig
 
-from fastsample.sampling import generate
-from fastsample.utils.errors import run_cli
+from fastsample.utils.errors import check_choice, run_cli
+
+MODES = ("generate", "optimize_schedule")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
-def main(cfg: DictConfig) -> float:
+def generate_samples(cfg: DictConfig) -> float:
     """Run the sampling job; returns images/s so sweeps can compare samplers."""
+    from fastsample.sampling import generate
+
     summary = run_cli(lambda: generate(cfg))
     print(
         f"{summary['samples']} samples, {summary['sampler']} x {summary['steps']} steps "
         f"(NFE {summary['nfe']}) in {summary['wall_time_s']} s -> {summary['output_dir']}"
     )
     return float(summary["images_per_s"] or 0.0)
+
+
+def search_schedule(cfg: DictConfig) -> float:
+    """Run the schedule search; returns the mean RMS of the optimized schedules (held-out if measured)."""
+    from fastsample.schedule_search.job import optimize_schedule
+
+    scores = []
+    for summary in run_cli(lambda: optimize_schedule(cfg)):
+        held_out = "holdout" in summary["metrics"]
+        metrics = summary["metrics"]["holdout" if held_out else "search"]
+        sampler, steps, path = summary["sampler"], summary["steps"], summary["path"]
+        print(
+            f"{summary['method']} schedule for {sampler} at NFE {summary['nfe']} ({steps} steps): "
+            f"RMS to the teacher {metrics['rms']:.4g} vs {metrics['baseline_rms']:.4g} with "
+            f"{summary['baseline']['kind']} ({metrics['trajectories']} "
+            f"{'held-out' if held_out else 'search'} trajectories)\n"
+            f"sigmas: {', '.join(f'{s:.4g}' for s in summary['sigmas'])}\n"
+            f"written to {path}\n"
+            f"use it: python sample.py sampler={sampler} sampler.steps={steps} "
+            f"sampler.schedule.kind=file ++sampler.schedule.path={path}"
+        )
+        scores.append(float(metrics["rms"]))
+    return sum(scores) / len(scores)
+
+
+def run(cfg: DictConfig) -> float:
+    """Dispatch on ``mode``: ``generate`` (default) or ``optimize_schedule``."""
+    mode = cfg.get("mode", "generate")
+    run_cli(lambda: check_choice("mode", mode, MODES))
+    return search_schedule(cfg) if mode == "optimize_schedule" else generate_samples(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ STEP_COUNTS = (1, 2, 3, 10, 50)
 
 
 def test_every_kind_is_covered() -> None:
-    assert set(SCHEDULES) == {*RANGE_KINDS, "time_uniform", "explicit"}
+    assert set(SCHEDULES) == {*RANGE_KINDS, "time_uniform", "explicit", "file"}
 
 
 @pytest.mark.parametrize("kind", [*RANGE_KINDS, "time_uniform"])

@@ -1,13 +1,17 @@
 """Noise schedules: where a sampler's steps go. Each returns ``steps + 1`` descending sigmas ending at 0.
 
 Schedules are separate from solvers (as in EDM / k-diffusion): any solver runs on any schedule,
-including an explicit list (e.g. one found by schedule search).
+including an explicit list or a schedule file (e.g. one found by schedule search,
+:mod:`fastsample.schedule_search`): a YAML / JSON document with the sigmas and their provenance.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +19,10 @@ import torch
 from torch import Tensor
 
 from fastsample.utils.errors import check_choice, check_range, fail
+from fastsample.utils.io import write_bytes_atomic
 
-SCHEDULES = ("karras", "vp", "loglinear", "quadratic", "time_uniform", "explicit")
+SCHEDULES = ("karras", "vp", "loglinear", "quadratic", "time_uniform", "explicit", "file")
+SCHEDULE_FORMAT = "fastsample-schedule/1"
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -92,6 +98,7 @@ class ScheduleSpec:
     sigma_max: float | None = None
     spacing: str = "leading"
     sigmas: list[float] | None = None
+    path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +118,8 @@ def make_sigmas(spec: ScheduleSpec, steps: int, model: Any | None = None, append
     check_choice("sampler.schedule.kind", spec.kind, SCHEDULES)
     if spec.kind == "explicit":
         return validate_sigmas(spec.sigmas, steps)
+    if spec.kind == "file":
+        return schedule_file_sigmas(spec.path, steps)
     check_range("sampler.steps", steps, low=1)
     sigma_min = spec.sigma_min if spec.sigma_min is not None else getattr(model, "sigma_min", 0.002)
     sigma_max = spec.sigma_max if spec.sigma_max is not None else getattr(model, "sigma_max", 80.0)
@@ -136,17 +145,124 @@ def make_sigmas(spec: ScheduleSpec, steps: int, model: Any | None = None, append
     return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
 
 
-def validate_sigmas(sigmas: Any, steps: int | None = None) -> Tensor:
-    """Check an explicit grid: strictly decreasing, positive until a final 0, ``steps + 1`` long."""
+def validate_sigmas(
+    sigmas: Any, steps: int | None = None, setting: str = "sampler.schedule.sigmas"
+) -> Tensor:
+    """Check an explicit grid: strictly decreasing, positive until a final 0, ``steps + 1`` long.
+
+    ``setting`` names the grid's origin in the error messages (a config key or a schedule file).
+    """
     if sigmas is None:
-        fail("sampler.schedule.sigmas must be given for schedule kind 'explicit'")
-    grid = torch.as_tensor(list(sigmas), dtype=torch.float64)
+        fail(f"{setting} must be given for schedule kind 'explicit'")
+    try:
+        grid = torch.as_tensor([float(value) for value in sigmas], dtype=torch.float64)
+    except (TypeError, ValueError):
+        fail(f"{setting} must be a list of numbers, got {sigmas!r}")
     if grid.ndim != 1 or len(grid) < 2:
-        fail("sampler.schedule.sigmas needs at least two values (start and 0)")
+        fail(f"{setting} needs at least two values (start and 0)")
+    if not bool(torch.isfinite(grid).all()):
+        fail(f"{setting} must be finite numbers")
     if steps is not None and len(grid) != steps + 1:
-        fail(f"sampler.schedule.sigmas has {len(grid)} values; {steps} steps need {steps + 1}")
+        fail(f"{setting} has {len(grid)} values; {steps} steps need {steps + 1}")
     if float(grid[-1]) != 0.0:
-        fail(f"sampler.schedule.sigmas must end at 0, got {float(grid[-1])}")
+        fail(f"{setting} must end at 0, got {float(grid[-1])}")
     if not bool((grid[:-1] > grid[1:]).all()):
-        fail("sampler.schedule.sigmas must be strictly decreasing")
+        position = int((grid[:-1] <= grid[1:]).nonzero()[0])
+        fail(
+            f"{setting} must be strictly decreasing; values {position} and {position + 1} are "
+            f"{float(grid[position])} and {float(grid[position + 1])}"
+        )
     return grid
+
+
+# -- schedule files --------------------------------------------------------------------------------
+def schedules_dir() -> Path:
+    """Shipped schedule files: ``$FASTSAMPLE_ASSETS/schedules`` if set, else the package's."""
+    root = os.environ.get("FASTSAMPLE_ASSETS") or Path(__file__).resolve().parents[1] / "assets"
+    return Path(root) / "schedules"
+
+
+def resolve_schedule_path(path: str | os.PathLike | None) -> Path:
+    """A schedule file by path, or by name relative to :func:`schedules_dir` (shipped schedules)."""
+    if path is None or not str(path):
+        fail("sampler.schedule.path must name a schedule file (.yaml or .json) for schedule kind 'file'")
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return candidate
+    shipped = schedules_dir() / candidate
+    if not candidate.is_absolute() and shipped.is_file():
+        return shipped
+    fail(f"sampler.schedule.path={str(path)!r}: no such schedule file (also looked in {schedules_dir()})")
+
+
+def load_schedule_file(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a schedule file (YAML or JSON): a mapping with ``sigmas`` and its provenance."""
+    import yaml
+
+    resolved = resolve_schedule_path(path)
+    try:
+        text = resolved.read_text()
+        content = json.loads(text) if resolved.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        fail(f"sampler.schedule.path={str(path)!r} is not a readable schedule file: {err}".splitlines()[0])
+    if not isinstance(content, dict) or "sigmas" not in content:
+        fail(f"sampler.schedule.path={str(path)!r} is not a schedule file: it has no 'sigmas' list")
+    content["path"] = str(resolved)
+    return content
+
+
+def schedule_file_sigmas(path: str | os.PathLike | None, steps: int | None = None) -> Tensor:
+    """The validated sigma grid of a schedule file, refusing one whose length is not ``steps + 1``."""
+    content = load_schedule_file(path)
+    setting = f"schedule file {content['path']}"
+    sigmas = content["sigmas"]
+    if steps is not None and isinstance(sigmas, list) and len(sigmas) != steps + 1:
+        made_for = ", ".join(
+            f"{key} {content[key]}" for key in ("sampler", "nfe") if content.get(key) is not None
+        )
+        fail(
+            f"{setting} holds {len(sigmas) - 1} steps ({made_for or 'no provenance'}) but "
+            f"sampler.steps={steps}; set sampler.steps={len(sigmas) - 1} or use a schedule made for "
+            f"{steps} steps"
+        )
+    return validate_sigmas(sigmas, steps, setting=setting)
+
+
+def save_schedule_file(path: str | os.PathLike, sigmas: Any, **provenance: Any) -> Path:
+    """Write a schedule file atomically: YAML (``.yaml`` / ``.yml``) or JSON (``.json``).
+
+    The sigmas are validated first and written at full precision (they load back bit for bit);
+    ``provenance`` (model, sampler, NFE, method, trajectories, seeds, ...) is stored beside them.
+    """
+    import yaml
+
+    path = Path(path)
+    check_choice("schedule file suffix", path.suffix, (".yaml", ".yml", ".json"))
+    grid = validate_sigmas(sigmas, setting=f"schedule for {path}")
+    content = {
+        "format": SCHEDULE_FORMAT,
+        "steps": len(grid) - 1,
+        **_plain(provenance),
+        "sigmas": [float(value) for value in grid],
+    }
+    if path.suffix == ".json":
+        text = json.dumps(content, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(content, sort_keys=False, default_flow_style=None, width=100)
+    write_bytes_atomic(path, text.encode())
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Provenance as plain YAML / JSON data (tensors, tuples and paths become lists, numbers, strings)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
