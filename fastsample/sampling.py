@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from fastsample.guidance import GuidanceTask
 from fastsample.samplers import Sampler
 from fastsample.utils.errors import check_choice, fail
 from fastsample.utils.images import save_grid, to_uint8
@@ -42,11 +43,38 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
 
 
 def build_guidance(cfg: DictConfig) -> Any:
-    """The guidance callable of ``cfg.guidance`` (``None`` for ``guidance=none``)."""
+    """The guidance of ``cfg.guidance``: a :class:`~fastsample.guidance.GuidanceTask` (conf/guidance),
+    a plain ``g(x, sigma, denoised)`` callable, or ``None`` for ``guidance=none``."""
     node = cfg.get("guidance")
     if node is None or "_target_" not in node:
         return None
     return instantiate(node)
+
+
+def check_guidance(sampler: Sampler, guidance: Any) -> None:
+    """Refuse sampler / guidance combinations that make no sense, before any sampling.
+
+    Splitting samplers (ltsp, stsp) integrate a conditional function apart from the diffusion part:
+    without guidance, or with a denoiser wrapper such as CFG, there is nothing to split.
+    """
+    from fastsample.samplers.splitting import SPLITTING, check_conditional
+
+    if sampler.name not in SPLITTING:
+        return
+    if isinstance(guidance, GuidanceTask) and not guidance.conditional:
+        fail(
+            f"sampler={sampler.name} splits off a conditional function g, but guidance={guidance.name} is a "
+            "denoiser wrapper with none; use a plain sampler (e.g. sampler=plms or dpmpp_2m) with it"
+        )
+    check_conditional(sampler.name, guidance)
+
+
+def guidance_labels(cfg: DictConfig, seeds: list[int], model: Any, guidance: Any) -> torch.Tensor | None:
+    """Class labels per seed: ``cfg.class_labels``; tasks that need targets default to ``cycle``."""
+    mode = cfg.get("class_labels")
+    if not isinstance(guidance, GuidanceTask) or not guidance.needs_labels:
+        return labels_for(seeds, mode, getattr(model, "num_classes", None))
+    return labels_for(seeds, "cycle" if mode is None else mode, guidance.num_classes(model))
 
 
 def labels_for(seeds: list[int], mode: Any, num_classes: int | None) -> torch.Tensor | None:
@@ -84,9 +112,23 @@ def generate_batch(
     guidance: Any,
     device: torch.device,
 ) -> torch.Tensor:
-    """Sample one batch of seeds; noise and stochastic steps come from per-seed generators."""
+    """Sample one batch of seeds; noise and stochastic steps come from per-seed generators.
+
+    A :class:`~fastsample.guidance.GuidanceTask` is set up for the batch (targets, measurements) and
+    decides what is integrated; a plain callable is added to the ODE as ``g(x, sigma, denoised)``.
+    """
     noise_source = SeedNoise(seeds)
     noise = noise_source.randn(shape, device=device)
+    if isinstance(guidance, GuidanceTask):
+        run = guidance.setup(model, seeds=seeds, labels=labels, shape=shape, device=device, dtype=noise.dtype)
+        return sampler.sample(
+            run.denoiser,
+            noise,
+            cond=run.cond,
+            guidance=run.guidance,
+            generator=noise_source,
+            sigmas=sampler.sigmas(model),
+        )
     cond = {"class_labels": labels.to(device)} if labels is not None else None
     return sampler.sample(model, noise, cond=cond, guidance=guidance, generator=noise_source)
 
@@ -96,9 +138,9 @@ def shard_path(shard_dir: Path, batch: list[int]) -> Path:
     return shard_dir / f"seeds-{batch[0]:08d}-{batch[-1]:08d}.npz"
 
 
-def describe_run(sampler: Sampler, model: Any) -> dict[str, Any]:
+def describe_run(sampler: Sampler, model: Any, guidance: Any = None) -> dict[str, Any]:
     """What was sampled with what: recorded in run.json and in evaluation results."""
-    return {
+    description = {
         "sampler": sampler.name,
         "steps": sampler.steps,
         "nfe": sampler.nfe,
@@ -106,6 +148,11 @@ def describe_run(sampler: Sampler, model: Any) -> dict[str, Any]:
         "knobs": dict(sampler.knobs),
         "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
     }
+    if isinstance(guidance, GuidanceTask):
+        description["guidance"] = guidance.describe()
+    elif guidance is not None:
+        description["guidance"] = {"name": type(guidance).__name__}
+    return description
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
@@ -119,12 +166,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         fail(f"batch_size={cfg.batch_size} is not allowed; use a positive integer")
     device = resolve_device(cfg.device)
     sampler: Sampler = instantiate(cfg.sampler)
+    guidance = build_guidance(cfg)
+    check_guidance(sampler, guidance)  # before the model: a refused combination fails at once
     model = build_model(cfg, device)
     if cfg.get("precision") == "float64":
         model = model.double()
     shape = data_shape(cfg, model)
-    guidance = build_guidance(cfg)
-    labels = labels_for(seeds, cfg.get("class_labels"), getattr(model, "num_classes", None))
+    labels = guidance_labels(cfg, seeds, model, guidance)
     shard_dir = out_dir / "shards"
     batches = [seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
     start, generated = time.perf_counter(), 0
@@ -148,7 +196,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     stream_npz(shards, out_dir / "samples.npz")
     save_first_grid(shards, out_dir / "grid.png", cfg.get("grid_size", 64))
     summary = {
-        **describe_run(sampler, model),
+        **describe_run(sampler, model, guidance),
         "samples": len(seeds),
         "generated_this_run": generated,
         "wall_time_s": round(elapsed, 3),
@@ -156,6 +204,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "output_dir": str(out_dir),
     }
+    if isinstance(guidance, GuidanceTask):
+        summary["guidance"].update(guidance.stats.as_dict())  # totals of this run (all its batches)
     write_json_atomic(out_dir / "run.json", summary)
     return summary
 

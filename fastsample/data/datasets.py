@@ -307,6 +307,53 @@ def build_digits(
     )
 
 
+SAMPLE_PATCH_SIZE, SAMPLE_PATCH_STRIDE = 32, 16
+
+
+def build_sample_patches(
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    resolution: int | None = None,
+    channels: int | None = None,
+    hflip: bool = False,
+    subset: int | None = None,
+    labels: bool = True,
+) -> ArrayImageDataset:
+    """32x32 RGB patches of scikit-learn's two bundled photos (offline): colorization tests and docs.
+
+    ``sklearn.datasets.load_sample_images`` ships ``china.jpg`` and ``flower.jpg`` (427x640); patches
+    are cut on a stride-16 grid (1950 in all) and shuffled with a fixed seed; the last 20% are the
+    test split (neighbouring patches overlap, so it is not independent of the training split: fine
+    for examples and tests, not for held-out metrics). The label is the photo a patch comes from
+    (0 china, 1 flower). ``root`` and
+    ``download`` are accepted for a uniform signature and ignored.
+    """
+    from sklearn.datasets import load_sample_images
+
+    _check_split(split)
+    photos = torch.from_numpy(np.stack(load_sample_images().images)).permute(0, 3, 1, 2)  # (2, 3, H, W)
+    size, stride = SAMPLE_PATCH_SIZE, SAMPLE_PATCH_STRIDE
+    patches = photos.unfold(2, size, stride).unfold(3, size, stride)  # (2, 3, rows, cols, size, size)
+    per_photo = patches.shape[2] * patches.shape[3]
+    images = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size).contiguous()
+    targets = torch.arange(len(photos)).repeat_interleave(per_photo)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    cut = round(len(images) * (1 - DIGITS_TEST_FRACTION))
+    part = order[:cut] if split == "train" else order[cut:]
+    return prepare_arrays(
+        images[part],
+        targets[part],
+        split,
+        resolution=resolution,
+        channels=channels,
+        hflip=hflip,
+        subset=subset,
+        keep_labels=labels,
+    )
+
+
 # ----------------------------------------------------------------------------- image folders
 
 
@@ -443,6 +490,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetInfo] = {
     "mnist": ImageDatasetInfo(build_mnist, 28, 1, 10),
     "cifar10": ImageDatasetInfo(build_cifar10, 32, 3, 10),
     "digits": ImageDatasetInfo(build_digits, 8, 1, 10),
+    "sample_patches": ImageDatasetInfo(build_sample_patches, 32, 3, 2),
     "image_folder": ImageDatasetInfo(build_image_folder, None, 3, None),
 }
 
