@@ -329,7 +329,8 @@ class ClassifierFeatures(ModuleFeatures):
     """A noise-conditional classifier evaluated on clean images: ``features(x, labels)`` and its logits.
 
     Duck-typed: any module with ``features(x, noise_labels)`` and ``forward(x, noise_labels) -> logits``
-    (e.g. ``fastsample.models.classifier.NoisyClassifier``). ``noise_label`` is the conditioning value
+    (e.g. ``fastsample.models.classifier.NoisyClassifier``); a ``features_and_logits(x, noise_labels)``
+    method, when present, gives both from one pass. ``noise_label`` is the conditioning value
     passed for clean input, one per image. Named ``classifier:<weights hash>``.
     """
 
@@ -350,6 +351,8 @@ class ClassifierFeatures(ModuleFeatures):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.full((len(x),), self.noise_label, device=x.device)
+        if callable(getattr(self.module, "features_and_logits", None)):
+            return self.module.features_and_logits(x, labels)  # one pass through the network
         return self.module.features(x, labels), self.module(x, labels)
 
 

@@ -70,6 +70,13 @@ class NoisyClassifier(nn.Module):
         h, _ = self.encoder(x, emb)
         return F.silu(self.norm_out(h)).mean(dim=(2, 3))
 
+    def features_and_logits(
+        self, x: torch.Tensor, noise_labels: torch.Tensor | float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`features` and the logits computed from them: one encoder pass instead of two."""
+        features = self.features(x, noise_labels)
+        return features, self.head(features)
+
     def forward(
         self,
         x: torch.Tensor,
