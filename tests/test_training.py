@@ -41,6 +41,7 @@ from fastsample.training import instantiate_group, train
 from fastsample.utils.errors import UserError
 from fastsample.utils.images import to_uint8
 from fastsample.utils.instantiation import find_user_error
+from fastsample.utils.instantiation import instantiate as instantiate_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -223,6 +224,10 @@ def test_experiment_option(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", options("sampler"))
 def test_sampler_option(name: str, tmp_path: Path) -> None:
     cfg = compose_config("sample", [f"sampler={name}"], tmp_path)
+    if OmegaConf.is_missing(cfg.sampler, "path"):  # learned samplers (dsno, ggdm) load a trained file
+        with pytest.raises(UserError, match=r"sampler\.path is required"):
+            instantiate_checked(cfg.sampler)
+        return
     sampler = instantiate(cfg.sampler)
     assert isinstance(sampler, Sampler) and sampler.nfe >= 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import hydra.utils
+from omegaconf.errors import MissingMandatoryValue
 
 from fastsample.utils.errors import UserError
 
@@ -27,11 +28,15 @@ def find_user_error(error: BaseException | None) -> UserError | None:
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, but a UserError raised while building is re-raised unwrapped."""
+    """``hydra.utils.instantiate``, but a UserError raised while building is re-raised unwrapped, and a
+    required setting left at ``???`` becomes a UserError naming it."""
     try:
         return hydra.utils.instantiate(config, *args, **kwargs)
     except UserError:
         raise
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or "a setting"
+        raise UserError(f"{key} is required and has no value (???); set it, e.g. {key}=...") from None
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:
