@@ -54,6 +54,19 @@ def reference_set(model, seeds: list[int], dtype: torch.dtype, steps: int, batch
     return Trajectories(levels=heun.sigmas(model)[:-1], noise=noise, final=torch.cat(finals), seeds=seeds)
 
 
+def sample_errors(sampler: Sampler, model, sigmas: torch.Tensor, reference: Trajectories) -> torch.Tensor:
+    """Per-sample mean squared distance to the reference (the RMS is the root of their mean)."""
+    with torch.no_grad():
+        out = sampler.run(model, reference.noise * float(sigmas[0]), sigmas)
+    return (out - reference.final).double().pow(2).flatten(1).mean(1)
+
+
+def robust(errors: torch.Tensor, trim: float) -> tuple[float, float]:
+    """Median per-sample RMS, and the RMS over all but the worst ``trim`` fraction of samples."""
+    kept = errors.sort().values[: len(errors) - round(trim * len(errors))]
+    return float(errors.median().sqrt()), float(kept.mean().sqrt())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solvers", default="dpmpp_2m,ipndm,unipc")
@@ -71,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="float32", choices=("float32", "float64"))
     parser.add_argument("--save-dir", default=None, help="write the optimized schedules here")
+    parser.add_argument("--trim", type=float, default=0.02, help="fraction of worst samples left out")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--cache", default=None, help="keep teacher + reference here (reruns skip them)")
     args = parser.parse_args()
@@ -156,11 +170,11 @@ def main() -> None:
                     progress=args.progress,
                 )
                 timings[label] = time.perf_counter() - tick
-            errors = {
-                name: final_rms(sampler, model, grid, reference, batch_size=args.batch)
-                for name, grid in grids.items()
+            per_sample = {
+                name: sample_errors(sampler, model, grid, reference) for name, grid in grids.items()
             }
-            rows.append((solver, nfe, steps, errors))
+            errors = {name: float(e.mean().sqrt()) for name, e in per_sample.items()}
+            rows.append((solver, nfe, steps, errors, per_sample))
             print(
                 f"# {solver} NFE {nfe}: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
@@ -191,13 +205,32 @@ def main() -> None:
     print(f"\n{len(holdout_seeds)} held-out seeds, RMS to Heun x {args.reference_steps} (same noise)\n")
     print("| solver | NFE | " + " | ".join(columns) + " | best optimized / Karras |")
     print("|---|---:|" + "---:|" * (len(columns) + 1))
-    for solver, nfe, _, errors in rows:
+    for solver, nfe, _, errors, _ in rows:
         best = min(errors[name] for name in columns[len(HAND) :])
         cells = []
         for name in columns:
             text = f"{errors[name]:.4f}"
             cells.append(f"**{text}**" if errors[name] == min(errors.values()) else text)
         print(f"| {solver} | {nfe} | " + " | ".join(cells) + f" | {best / errors['karras']:.2f} |")
+    print(
+        "\nWhere the error sits: per-sample RMS median, and the RMS without each schedule's worst "
+        f"{args.trim:.0%} of samples (Karras vs the best optimized schedule of the row above)\n"
+    )
+    print(
+        "| solver | NFE | best optimized | median Karras | median optimized | ratio | trimmed Karras "
+        "| trimmed optimized | ratio |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for solver, nfe, _, errors, per_sample in rows:
+        best = min(columns[len(HAND) :], key=lambda name: errors[name])  # noqa: B023
+        (med_k, trim_k), (med_o, trim_o) = (
+            robust(per_sample["karras"], args.trim),
+            robust(per_sample[best], args.trim),
+        )
+        print(
+            f"| {solver} | {nfe} | {best} | {med_k:.4f} | {med_o:.4f} | {med_o / med_k:.2f} | {trim_k:.4f} "
+            f"| {trim_o:.4f} | {trim_o / trim_k:.2f} |"
+        )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

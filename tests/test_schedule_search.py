@@ -90,6 +90,11 @@ def test_refinement_walks_to_the_minimum_without_crossing_neighbours():
     objective = lambda path: float(sum((a - b) ** 2 for a, b in zip(path, target)))  # noqa: E731
     path, value, evaluations = refine_path([0, 1, 2, 3, 20], objective, sweeps=10, progress=False)
     assert path == target and value == 0.0 and evaluations > 1
+    # long ways cost few evaluations: the stride doubles while the moves succeed
+    far = [0, 40, 60, 80, 200]
+    objective = lambda path: float(sum(abs(a - b) for a, b in zip(path, far)))  # noqa: E731
+    path, value, evaluations = refine_path([0, 1, 2, 3, 200], objective, sweeps=10, progress=False)
+    assert path == far and evaluations < 80  # one candidate at a time would take > 180
 
 
 # -- AYS parametrization --------------------------------------------------------------------------

@@ -144,10 +144,11 @@ def refine_path(
 ) -> tuple[list[int], float, int]:
     """Coordinate descent on the interior nodes of ``path`` (first and last stay), minimizing ``evaluate``.
 
-    Each sweep visits every interior node and moves it one candidate at a time, in the direction
-    that lowers ``evaluate``, as long as it keeps lowering it (nodes never cross their neighbours).
-    Stops after ``sweeps`` sweeps or a sweep without a move. Returns the path, its value and the
-    number of evaluations.
+    Each sweep visits every interior node and moves it along the candidate grid in the direction
+    that lowers ``evaluate``, as long as it keeps lowering it, doubling the stride after every
+    successful move (a long way costs a few evaluations) and falling back to single candidates
+    after a failed one; nodes never reach their neighbours. Stops after ``sweeps`` sweeps or a
+    sweep without a move. Returns the path, its value and the number of evaluations.
     """
     path = list(path)
     value, evaluations = evaluate(path), 1
@@ -156,14 +157,20 @@ def refine_path(
         moved = False
         for k in range(1, len(path) - 1):
             for direction in (-1, 1):
-                improved = False
-                while path[k - 1] < path[k] + direction < path[k + 1]:
-                    trial = [*path[:k], path[k] + direction, *path[k + 1 :]]
-                    trial_value = evaluate(trial)
-                    evaluations += 1
-                    if trial_value >= value:
+                stride, improved = 1, False
+                while True:
+                    node = path[k] + direction * stride
+                    if path[k - 1] < node < path[k + 1]:
+                        trial = [*path[:k], node, *path[k + 1 :]]
+                        trial_value = evaluate(trial)
+                        evaluations += 1
+                        if trial_value < value:
+                            path, value, improved, moved = trial, trial_value, True, True
+                            stride *= 2
+                            continue
+                    if stride == 1:
                         break
-                    path, value, improved, moved = trial, trial_value, True, True
+                    stride = 1  # overshot (or left the gap): go on one candidate at a time
                 if improved:
                     break  # found the downhill direction; no need to try the other
             bar.update(1)
