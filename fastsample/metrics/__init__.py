@@ -23,7 +23,7 @@ from fastsample.metrics.features import (
     module_hash,
 )
 from fastsample.metrics.reference import ReferenceStats, check_compatible, load_reference, save_reference
-from fastsample.metrics.scores import frechet_distance, inception_score, kid, precision_recall
+from fastsample.metrics.scores import frechet_distance, inception_score, kid, mmd2_unbiased, precision_recall
 from fastsample.metrics.stats import FeatureStats
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "iter_batches",
     "kid",
     "load_reference",
+    "mmd2_unbiased",
     "module_hash",
     "precision_recall",
     "save_reference",

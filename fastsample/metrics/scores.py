@@ -113,21 +113,28 @@ def kid(
     for i in range(subsets):
         x = x_all[torch.randperm(len(x_all), generator=generator)[:size].to(x_all.device)]
         y = y_all[torch.randperm(len(y_all), generator=generator)[:size].to(x_all.device)]
-        mmds[i] = _mmd2_unbiased(x, y)
+        mmds[i] = mmd2_unbiased(x, y)
     return float(mmds.mean()), float(mmds.std(unbiased=False))
 
 
-def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD^2 of equal-size samples with the cubic polynomial kernel."""
-    m, dim = x.shape
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 between samples ``x`` (m, d) and ``y`` (n, d) with the cubic kernel ``(x.y / d + 1)^3``.
+
+    Plain torch in the inputs' dtype (:func:`kid` passes float64) and differentiable: DDSS minimizes it
+    with gradients flowing into ``x`` (``fastsample.lit.ddss``). ``m`` and ``n`` may differ.
+    """
+    (m, dim), n = x.shape, y.shape[0]
+    if min(m, n) < 2:
+        fail(f"unbiased MMD needs at least 2 samples in each set, got {m} and {n}")
 
     def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a @ b.T / dim + 1.0) ** 3
 
     k_xx, k_yy = kernel(x, x), kernel(y, y)
     # Dropping the diagonals (k(x_i, x_i)) is what makes the within-set terms unbiased.
-    within = k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()
-    return within / (m * (m - 1)) - 2.0 * kernel(x, y).sum() / (m * m)
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return within_x + within_y - 2.0 * kernel(x, y).sum() / (m * n)
 
 
 def precision_recall(
