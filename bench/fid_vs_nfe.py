@@ -11,6 +11,8 @@ features; for a mixture, exact samples give the FID floor of the sample size (ro
     python bench/fid_vs_nfe.py --samplers euler,heun --steps 4,8,16,32 --num-samples 2000
     python bench/fid_vs_nfe.py --model from_checkpoint model.path=outputs/train/.../model.pt
     python bench/fid_vs_nfe.py metrics.path=/path/classifier.pt  # any evaluate.yaml override
+    python bench/fid_vs_nfe.py --samplers dpmpp_2m,dpmpp_2m@loglinear,dpmpp_2m@file:DIR/s-nfe{steps}.yaml
+                                # schedules: sampler@<schedule kind> or sampler@file:<path with {steps}>
 
 Writes ``fid_vs_nfe.csv`` and ``fid_vs_nfe.png`` to ``--out`` and prints a markdown table.
 """
@@ -35,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str]]
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--samplers", default=",".join(DEFAULTS.samplers), help="comma-separated conf/sampler names"
+        "--samplers",
+        default=",".join(DEFAULTS.samplers),
+        help="comma-separated conf/sampler names, each optionally @<schedule kind> or @file:<path, {steps}>",
     )
     parser.add_argument(
         "--steps", default=",".join(map(str, DEFAULTS.steps)), help="comma-separated step counts"

@@ -118,9 +118,10 @@ def fid_vs_nfe(args: BenchSettings, overrides: list[str] = ()) -> list[dict]:
     # Warm-up (first-call overheads must not land on the first sampler's time).
     warm = instantiate(compose([*base, "sampler=euler", "sampler.steps=1"]).sampler)
     evaluator.score_sampler(model, warm, seeds[:4], shape=shape, device=device)
-    for name in samplers:
+    for spec in samplers:
         for steps in steps_list:
-            sampler = instantiate(compose([*base, f"sampler={name}", f"sampler.steps={steps}"]).sampler)
+            name, sampler_overrides = parse_sampler_spec(spec, steps)
+            sampler = instantiate(compose([*base, *sampler_overrides]).sampler)
             scores = evaluator.score_sampler(
                 model,
                 sampler,
@@ -144,6 +145,24 @@ def fid_vs_nfe(args: BenchSettings, overrides: list[str] = ()) -> list[dict]:
     print(f"\n{markdown_table(rows)}")
     print(f"\ntable: {out / 'fid_vs_nfe.md'}\nCSV: {out / 'fid_vs_nfe.csv'}\nplot: {out / 'fid_vs_nfe.png'}")
     return rows
+
+
+def parse_sampler_spec(spec: str, steps: int) -> tuple[str, list[str]]:
+    """A row label and the config overrides of ``spec`` at ``steps`` steps.
+
+    ``spec`` is a conf/sampler name, optionally with a schedule: ``dpmpp_2m@loglinear`` (any
+    ``sampler.schedule.kind``) or ``dpmpp_2m@file:schedules/dpmpp_2m-nfe{steps}.yaml`` (a schedule file
+    per step count; ``{steps}`` is filled in), so searched schedules sit beside the hand-designed ones.
+    """
+    name, _, schedule = spec.partition("@")
+    overrides = [f"sampler={name}", f"sampler.steps={steps}"]
+    if schedule.startswith("file:"):
+        path = schedule.removeprefix("file:").format(steps=steps)
+        overrides += ["sampler.schedule.kind=file", f"++sampler.schedule.path={path}"]
+        return f"{name}@{Path(schedule).stem.split('-')[-1]}", overrides
+    if schedule:
+        overrides.append(f"sampler.schedule.kind={schedule}")
+    return spec, overrides
 
 
 def sampler_row(name: str, steps: int, nfe: int, scores: dict, count: int) -> dict:

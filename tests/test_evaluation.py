@@ -547,3 +547,17 @@ def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bu
     assert by_key[("exact", 0)]["class_accuracy"] is None
     for name in ("fid_vs_nfe.csv", "fid_vs_nfe.md", "fid_vs_nfe.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+
+
+def test_benchmark_sampler_specs_carry_schedules():
+    from fastsample.benchmark import parse_sampler_spec
+
+    assert parse_sampler_spec("heun", 5) == ("heun", ["sampler=heun", "sampler.steps=5"])
+    label, overrides = parse_sampler_spec("dpmpp_2m@loglinear", 10)
+    assert label == "dpmpp_2m@loglinear" and overrides[-1] == "sampler.schedule.kind=loglinear"
+    label, overrides = parse_sampler_spec("dpmpp_2m@file:s/schedule-dpmpp_2m-nfe{steps}-gits.yaml", 5)
+    assert label == "dpmpp_2m@gits"
+    assert overrides[-2:] == [
+        "sampler.schedule.kind=file",
+        "++sampler.schedule.path=s/schedule-dpmpp_2m-nfe5-gits.yaml",
+    ]
