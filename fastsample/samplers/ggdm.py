@@ -35,7 +35,9 @@ and refuses to run on another backbone or to load as another step count.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +155,8 @@ class GGDMSampler(nn.Module):
         self.backbone: dict[str, Any] | None = None  # set by bind_backbone / load
         self.path: str | None = None
         self.metadata: dict[str, Any] = {}
-        self._checked: set[int] = set()
+        # id -> weak reference: an id alone may be reused by a new model once the old one is freed
+        self._checked: dict[int, weakref.ref] = {}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -312,12 +315,21 @@ class GGDMSampler(nn.Module):
     def bind_backbone(self, denoiser: Any) -> GGDMSampler:
         """Record ``denoiser`` as the backbone this sampler belongs to."""
         self.backbone = backbone_identity(denoiser)
-        self._checked = {id(denoiser)}
+        self._checked = {}
+        self._remember_checked(denoiser)
         return self
+
+    def _remember_checked(self, denoiser: Any) -> None:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: hashed again next time
+            self._checked[id(denoiser)] = weakref.ref(denoiser)
+
+    def _already_checked(self, denoiser: Any) -> bool:
+        reference = self._checked.get(id(denoiser))
+        return reference is not None and reference() is denoiser
 
     def check_backbone(self, denoiser: Any) -> None:
         """Fail unless ``denoiser`` is the recorded backbone (hashed once per denoiser object)."""
-        if self.backbone is None or id(denoiser) in self._checked:
+        if self.backbone is None or self._already_checked(denoiser):
             return
         found = backbone_identity(denoiser)
         if found["weights"] != self.backbone["weights"]:
@@ -326,7 +338,7 @@ class GGDMSampler(nn.Module):
                 f"{where} was learned for backbone {_describe(self.backbone)}, but the model is "
                 f"{_describe(found)}; learn a sampler for this model with train.py task=ddss"
             )
-        self._checked.add(id(denoiser))
+        self._remember_checked(denoiser)
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, **metadata: Any) -> Path:
