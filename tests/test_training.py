@@ -232,7 +232,19 @@ def test_sampler_option(name: str, tmp_path: Path) -> None:
     assert isinstance(sampler, Sampler) and sampler.nfe >= 1
 
 
-MODEL_OVERRIDES = {"gmm_fmnist": ["model.subset=6000"]}  # fit on a slice: the test checks the plumbing
+MODEL_OVERRIDES = {
+    "gmm_fmnist": ["model.subset=6000"],  # fit on a slice: the test checks the plumbing
+    "callable": ["model.fn=fastsample.models.gmm.GaussianMixture.toy", "model.kwargs={name: ring}"],
+}
+
+
+def tiny_diffusers_folder(name: str, root: Path) -> Path:
+    """A tiny random diffusers folder for model=diffusers / diffusers_t2i (skips without the extra)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusers_tiny import save_text_to_image, save_unet_pipeline
+
+    return save_text_to_image(root) if name == "diffusers_t2i" else save_unet_pipeline(root)
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -241,6 +253,8 @@ def test_model_option(name: str, tmp_path: Path) -> None:
     if name == "from_checkpoint":
         tiny_diffusion_module().export(tmp_path / "model.pt")
         overrides.append(f"model.path={tmp_path / 'model.pt'}")
+    if name in ("diffusers", "diffusers_t2i"):
+        overrides.append(f"model.path={tiny_diffusers_folder(name, tmp_path / name)}")
     cfg = compose_config("sample", overrides, tmp_path)
     if name == "gmm_fmnist" and not FMNIST_PRESENT:
         pytest.skip("model=gmm_fmnist needs Fashion-MNIST, which is not installed here")

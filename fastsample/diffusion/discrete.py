@@ -38,14 +38,28 @@ def make_betas(
 
 
 class DiscreteSchedule(nn.Module):
-    """A discrete noise schedule: ``abar_t`` and ``sigma_t`` for ``t = 0 .. T-1`` (sigma ascending)."""
+    """A discrete noise schedule: ``abar_t`` and ``sigma_t`` for ``t = 0 .. T-1`` (sigma ascending).
+
+    Built from a beta schedule (``kind``, ``steps``, ``beta_start``, ``beta_end``) or, with ``abar``,
+    from an explicit cumulative-alpha table.
+    """
 
     def __init__(
-        self, kind: str = "linear", steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+        self,
+        kind: str = "linear",
+        steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        abar: Tensor | None = None,
     ) -> None:
         super().__init__()
+        if abar is None:
+            abar = torch.cumprod(1 - make_betas(kind, steps, beta_start, beta_end), dim=0)
+        else:  # a table made elsewhere (e.g. a diffusers scheduler's alphas_cumprod); ``kind`` labels it
+            abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1)
+            check_range("model.timesteps", len(abar), low=2)
+            steps = len(abar)
         self.kind, self.steps = kind, steps
-        abar = torch.cumprod(1 - make_betas(kind, steps, beta_start, beta_end), dim=0)
         self.register_buffer("abar", abar, persistent=False)
         self.register_buffer("sigmas", ((1 - abar) / abar).sqrt(), persistent=False)
         self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
@@ -98,16 +112,23 @@ class DiscreteVPDenoiser(Denoiser):
     def discrete_sigmas(self) -> Tensor:  # type: ignore[override]
         return self.schedule.sigmas
 
-    def denoise(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **_: Any) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond: Any) -> Tensor:
         s = append_dims(sigma, x.ndim)
         alpha = 1 / (s**2 + 1).sqrt()  # sqrt(abar): also the scale from sigma space to VP space
         t = self.schedule.sigma_to_t(sigma, self.timestep)
-        out = self.net(x * alpha, t, class_labels).to(x.dtype)
+        out = self.net_output(x * alpha, t, class_labels=class_labels, **cond).to(x.dtype)
         if self.prediction == "eps":
             return x - s * out
         if self.prediction == "x0":
             return out
         return alpha * (alpha * x) - (s * alpha) * out  # v = alpha eps - sigma_vp x0
+
+    def net_output(self, x_vp: Tensor, t: Tensor, class_labels: Tensor | None = None, **_: Any) -> Tensor:
+        """The network's raw prediction at VP state ``x_vp`` and timestep ``t``.
+
+        Subclasses override it to pass other conditions (e.g. text embeddings) to their network.
+        """
+        return self.net(x_vp, t, class_labels)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "prediction": self.prediction, "schedule": self.schedule.kind}
