@@ -47,7 +47,7 @@ from fastsample.samplers import Sampler, sample_trajectory
 from fastsample.samplers.sampler import _schedule_spec
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.instantiation import instantiate
-from fastsample.utils.io import save_npz_atomic, write_json_atomic
+from fastsample.utils.io import remove_stale_temporaries, save_npz_atomic, write_json_atomic
 from fastsample.utils.seeding import SeedNoise
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,14 @@ class TrajectoryStore:
             fail(f"{self.setting}={str(self.root)!r}: meta.json is unreadable ({err}); remove the folder")
 
     def claim(self, meta: dict[str, Any]) -> None:
-        """Write ``meta`` for a new folder, or check that an existing folder holds the same kind of data."""
+        """Write ``meta`` for a new folder, or check that an existing folder holds the same kind of data
+        (and clear the temporary files of killed generations)."""
         stored = self.read_meta()
         if stored is None:
             write_json_atomic(self.meta_path, meta)
             return
         check_meta(stored, meta, f"{self.setting}={str(self.root)!r}")
+        remove_stale_temporaries(self.root / "chunks")
 
     def missing(self, chunks: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         return [chunk for chunk in chunks if not self.chunk_path(chunk).is_file()]

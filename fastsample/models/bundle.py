@@ -18,7 +18,7 @@ import torch
 from fastsample.diffusion.build import wrap_network
 from fastsample.diffusion.denoiser import Denoiser
 from fastsample.models.sigma_classifier import SigmaClassifier
-from fastsample.utils.errors import UserError, fail
+from fastsample.utils.errors import UserError, brief, fail
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import save_torch_atomic
 
@@ -50,7 +50,7 @@ def _read(path: Path, setting: str = "model.path") -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated / not a torch file: say which file and why
-        fail(f"{setting}={str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})")
+        fail(f"{setting}={str(path)!r} is not a readable checkpoint ({brief(err)})")
     if not isinstance(content, dict) or "state_dict" not in content:
         fail(f"{setting}={str(path)!r} is not a fastsample bundle or checkpoint (no state_dict inside)")
     return content

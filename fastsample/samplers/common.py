@@ -1,4 +1,10 @@
-"""What every sampler shares: binding condition and guidance to the denoiser, and guarding numerics."""
+"""What every sampler shares: binding condition and guidance to the denoiser, and guarding numerics.
+
+Two guards raise :class:`NumericalError` (exit code 3): :class:`BoundModel` checks every model output
+(naming the call and sigma) and :func:`guard_states` every state a sampler reports after a step (naming
+the step and its sigmas), which catches what the model check cannot: overflow in the solver's own
+arithmetic (multistep extrapolation, huge guidance terms, low-precision states).
+"""
 
 from __future__ import annotations
 
@@ -41,9 +47,11 @@ class BoundModel:
         if self.guidance is not None:
             denoised = denoised - sigma * self.guidance(x, sigma, denoised)
         if self.check_finite and not bool(torch.isfinite(denoised).all()):
+            cause = "the model with its guidance term" if self.guidance is not None else "the model"
+            hint = "lower guidance.scale; " if self.guidance is not None else ""
             raise NumericalError(
-                f"the model returned non-finite values at call {self.calls} (sigma={float(sigma):.4g}); "
-                "check the checkpoint, the input range and model precision"
+                f"{cause} returned non-finite values at call {self.calls} (sigma={float(sigma):.4g}); "
+                f"{hint}check the checkpoint, the input range and model precision"
             )
         return denoised
 
@@ -61,3 +69,23 @@ def report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoise
     """Tell ``callback`` that step ``i`` (sigmas[i] -> sigmas[i + 1]) finished with state ``x``."""
     if callback is not None:
         callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
+
+
+def guard_states(callback: Callback | None) -> Callback:
+    """A step callback that raises :class:`NumericalError` on a non-finite state, then calls ``callback``.
+
+    Every sampler reports its state after each step (:func:`report`), so wrapping the callback checks
+    all of them at the cost of one reduction per step.
+    """
+
+    def check(info: dict[str, Any]) -> None:
+        if not bool(torch.isfinite(info["x"]).all()):
+            raise NumericalError(
+                f"the sampler state became non-finite at step {info['i']} (sigma {float(info['sigma']):.4g} "
+                f"-> {float(info['sigma_next']):.4g}); use more steps, precision=float64 or a lower "
+                "guidance.scale"
+            )
+        if callback is not None:
+            callback(info)
+
+    return check

@@ -32,11 +32,17 @@ def sample_euler(
     generator: Any = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Euler steps of ``dx/dsigma = (x - D) / sigma``: exactly deterministic DDIM. NFE = steps."""
+    """Euler steps of ``dx/dsigma = (x - D) / sigma``: exactly deterministic DDIM. NFE = steps.
+
+    The step to sigma = 0 returns ``D`` itself: ``x - sigma (x - D) / sigma`` equals it only up to
+    rounding (about half of the entries differ by an ulp).
+    """
     model = bind(denoiser, cond, guidance)
+    levels = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
+        step = (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
+        x = denoised if levels[i + 1] == 0 else x + step
         report(callback, i, sigmas, x, denoised)
     return x
 
@@ -81,12 +87,14 @@ def sample_heun(
             sigma = sigma * (1 + gamma)
             x = x + randn_like(x, generator) * s_noise * (sigma**2 - sigmas[i] ** 2).sqrt()
         denoised = model(x, sigma)
+        if levels[i + 1] == 0:  # the Euler step to 0, exactly: x - sigma (x - D) / sigma = D
+            x = denoised
+            report(callback, i, sigmas, x, denoised)
+            continue
         slope = (x - denoised) / sigma
         x_next = x + (sigma_next - sigma) * slope
-        if levels[i + 1] > 0:
-            slope_next = (x_next - model(x_next, sigma_next)) / sigma_next
-            x_next = x + (sigma_next - sigma) * (slope + slope_next) / 2
-        x = x_next
+        slope_next = (x_next - model(x_next, sigma_next)) / sigma_next
+        x = x + (sigma_next - sigma) * (slope + slope_next) / 2
         report(callback, i, sigmas, x, denoised)
     return x
 

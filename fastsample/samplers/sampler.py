@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas
-from fastsample.samplers.common import Callback, GuidanceFn
+from fastsample.samplers.common import Callback, GuidanceFn, guard_states
 from fastsample.samplers.registry import SamplerSpec, get_sampler
 from fastsample.utils.errors import check_range, fail
 
@@ -81,7 +81,10 @@ class Sampler:
         callback: Callback | None = None,
         grad: bool = False,
     ) -> Tensor:
-        """Integrate from ``x`` at ``sigmas[0]`` along ``sigmas`` (any start level)."""
+        """Integrate from ``x`` at ``sigmas[0]`` along ``sigmas`` (any start level).
+
+        Each step's state is checked for NaN / inf (:func:`~fastsample.samplers.common.guard_states`).
+        """
         sigmas = sigmas.to(device=x.device, dtype=x.dtype)
         with torch.set_grad_enabled(grad or torch.is_grad_enabled() and x.requires_grad):
             return self.spec.fn(
@@ -91,7 +94,7 @@ class Sampler:
                 cond=cond,
                 guidance=guidance,
                 generator=generator,
-                callback=callback,
+                callback=guard_states(callback),
                 **self.knobs,
             )
 

@@ -31,6 +31,13 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
+def brief(error: BaseException) -> str:
+    """``Type: first sentence`` of an exception from a library (torch appends paragraphs of advice)."""
+    text = str(error).strip()
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def check_choice(setting: str, value: Any, allowed: Iterable[Any]) -> None:
     """Fail unless ``value`` is one of ``allowed``, naming the setting and the choices."""
     allowed = list(allowed)
@@ -61,14 +68,28 @@ def check_range(
 
 
 def run_cli(main: Callable[[], Any]) -> Any:
-    """Run an entry point, turning :class:`UserError` into one stderr line and its exit code."""
+    """Run an entry point, turning :class:`UserError` (and a full disk met by library code, e.g. a
+    Lightning log) into one stderr line and its exit code."""
     try:
         return main()
     except Exception as err:
         from fastsample.utils.instantiation import find_user_error
 
-        cause = find_user_error(err)
+        cause = find_user_error(err) or _disk_full(err)
         if cause is None or os.environ.get("FASTSAMPLE_DEBUG"):
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(cause.exit_code)
+
+
+def _disk_full(error: BaseException | None) -> UserError | None:
+    """A UserError for the first out-of-space OSError in ``error``'s chain (writes we do not own)."""
+    from fastsample.utils.io import disk_full_error
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and (found := disk_full_error(error, None)) is not None:
+            return found
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsample.utils.io import atomic_path
+from fastsample.utils.io import atomic_path, npz_member
 
 
 def _shard_meta(shards: Sequence[Path]) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
@@ -31,13 +31,14 @@ def _shard_meta(shards: Sequence[Path]) -> dict[str, tuple[np.dtype, tuple[int, 
 def stream_npz(shards: Sequence[str | os.PathLike], path: str | os.PathLike) -> None:
     """Concatenate the arrays of ``shards`` along axis 0 into one ``.npz`` at ``path`` (atomically).
 
-    Only one shard's array is in memory at a time, so memory stays flat in the number of rows.
+    Only one shard's array is in memory at a time, so memory stays flat in the number of rows. Members
+    carry a fixed timestamp, so the same shards always give the same bytes.
     """
     shards = [Path(s) for s in shards]
     meta = _shard_meta(shards)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
         for key, (dtype, row, rows) in meta.items():
-            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+            with archive.open(npz_member(key), "w", force_zip64=True) as member:
                 header = {
                     "descr": np.lib.format.dtype_to_descr(dtype),
                     "fortran_order": False,

@@ -1,0 +1,621 @@
+"""The bad-input catalog: every case, how to run it, the message the user sees and the exit code.
+
+This list is the single source of truth of ``docs/errors.md``: ``tests/test_errors.py`` runs every case
+and checks that the message matches the case's pattern *and* equals the documented one, and that the
+document lists exactly these cases. After changing a message or a case, regenerate the document:
+
+    .venv/bin/python tests/error_catalog.py          # runs every case, rewrites docs/errors.md
+
+Cases run in-process through the entry point's own path (Hydra compose + ``run_cli``), which prints
+the same line and exits with the same code as the command; a case marked ``process=True`` runs the real
+command, for what only the command shows (Hydra's composition errors, ``FASTSAMPLE_DEBUG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import io
+import os
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "errors.md"
+CONFIGS = {"sample.py": "sample", "train.py": "train", "evaluate.py": "evaluate"}
+# Training cases: sklearn's 8x8 digits and the tiny UNet (as in tests/test_training.py).
+TINY_TRAIN = (
+    "dataset=digits",
+    "dataset.subset=64",
+    "dataset.batch_size=32",
+    "task=diffusion",
+    "model/net@task.net=unet_tiny",
+    "callbacks.sample_grid=null",
+    "trainer=debug",
+)
+EVAL_SCORE = ("mode=score", "metrics=classifier", "device=cpu", "progress=false")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``script`` with ``args`` (``{tmp}`` is a fresh folder prepared by ``setup``).
+
+    ``message`` is a pattern the printed message must match (searched); ``patch`` makes a fault that
+    the command line cannot (a full disk); ``process`` runs the real command in a subprocess.
+    """
+
+    name: str
+    input: str
+    script: str
+    args: tuple[str, ...]
+    message: str
+    exit_code: int
+    setup: Callable[[Path], None] | None = None
+    patch: Callable[[], contextlib.AbstractContextManager] | None = None
+    process: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self) -> str:
+        """The command line as documented."""
+        return " ".join(["python", self.script, *self.args])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the user saw: the message (normalized, one line) and the exit code."""
+
+    message: str
+    exit_code: int
+
+
+# -- setups: files the cases point at -------------------------------------------------------------------
+
+
+def _tiny_module(task: str = "diffusion") -> torch.nn.Module:
+    from omegaconf import OmegaConf
+
+    if task == "classifier":
+        from fastsample.lit.classifier import ClassifierModule
+
+        return ClassifierModule(OmegaConf.load(ROOT / "conf/model/net/classifier_tiny.yaml"))
+    from fastsample.lit.diffusion import DiffusionModule
+
+    torch.manual_seed(0)
+    return DiffusionModule(OmegaConf.load(ROOT / "conf/model/net/unet_tiny.yaml"))
+
+
+def make_bundles(tmp: Path) -> None:
+    """A diffusion bundle, half of it (truncated), bare weights (foreign) and a half Lightning checkpoint."""
+    module = _tiny_module()
+    data = module.export(tmp / "model.pt").read_bytes()
+    (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save(module.net.state_dict(), tmp / "weights.pt")
+    checkpoint = io.BytesIO()
+    torch.save({"state_dict": module.state_dict(), "global_step": 4}, checkpoint)
+    (tmp / "truncated.ckpt").write_bytes(checkpoint.getvalue()[: len(checkpoint.getvalue()) // 2])
+
+
+def make_empty_folder(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+
+
+def make_previous_run(tmp: Path) -> None:
+    """A finished sample.py run (sampler.steps=3) in <tmp>/out."""
+    from fastsample.sampling import generate
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        generate(compose("sample", ("model=gmm_toy", "seeds=0-7", "sampler.steps=3"), tmp))
+
+
+def make_eval_files(tmp: Path) -> None:
+    """For evaluate.py: a reference of the shipped classifier, one of Inception, a reference without
+    mu / sigma, samples without images and samples of the wrong shape."""
+    from fastsample.evaluation import classifier_features
+    from fastsample.metrics.reference import ReferenceStats
+    from fastsample.utils.io import save_npz_atomic
+
+    extractor = classifier_features()
+    with torch.no_grad():
+        dim = extractor(torch.zeros(1, 1, 28, 28))["features"].shape[1]
+    mu, sigma = np.zeros(dim), np.eye(dim)
+    ours = ReferenceStats(mu, sigma, extractor=extractor.name, weights_hash=extractor.weights_hash)
+    meta = {key: np.array(value) for key, value in ours.metadata().items() if value is not None}
+    save_npz_atomic(tmp / "ref.npz", mu=mu, sigma=sigma, **meta)
+    save_npz_atomic(
+        tmp / "inception_ref.npz",
+        mu=np.zeros(2048),
+        sigma=np.eye(2048),
+        extractor=np.array("inception-v3-clean"),
+    )
+    save_npz_atomic(tmp / "no_mu.npz", features=np.zeros((4, dim)))
+    save_npz_atomic(tmp / "no_images.npz", samples=np.zeros((4, 28, 28, 1), np.uint8))
+    save_npz_atomic(tmp / "rgb.npz", images=np.zeros((4, 28, 28, 3), np.uint8))
+    save_npz_atomic(tmp / "small.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
+
+
+@contextlib.contextmanager
+def disk_full() -> Iterator[None]:
+    """The disk fills up after the first file (the run state): from then on fsync reports ENOSPC, as it
+    does on file systems with delayed allocation."""
+    calls = []
+    fsync = os.fsync
+
+    def full_after_one(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    with mock.patch("os.fsync", side_effect=full_after_one):
+        yield
+
+
+# -- the catalog ------------------------------------------------------------------------------------------
+
+CASES: tuple[Case, ...] = (
+    Case(
+        "unknown-option",
+        "an unknown config option",
+        "sample.py",
+        ("model=gmm_toy", "sampler.stpes=5"),
+        r"Could not override 'sampler.stpes'.*Key 'stpes' is not in struct",
+        1,
+        process=True,
+    ),
+    Case(
+        "unknown-choice-group",
+        "an unknown config group option",
+        "sample.py",
+        ("model=gmm_toy", "sampler=dpm9"),
+        r"Could not find 'sampler/dpm9'.*Available options in 'sampler':.*dpmpp_2m",
+        1,
+        process=True,
+    ),
+    Case(
+        "unknown-sampler-setting",
+        "a setting the sampler does not have",
+        "sample.py",
+        ("model=gmm_toy", "+sampler.eta=0.5"),
+        r"sampler\.eta is not a setting of sampler 'dpmpp_2m'; allowed: none",
+        2,
+    ),
+    Case(
+        "invalid-steps",
+        "an invalid numeric setting",
+        "sample.py",
+        ("model=gmm_toy", "sampler.steps=0"),
+        r"sampler\.steps=0 is out of range; allowed: \[1, inf\]",
+        2,
+    ),
+    Case(
+        "invalid-batch-size",
+        "an invalid batch size",
+        "sample.py",
+        ("model=gmm_toy", "batch_size=0"),
+        r"batch_size=0 is not allowed; use a positive integer",
+        2,
+    ),
+    Case(
+        "invalid-choice",
+        "a value outside the allowed choices",
+        "sample.py",
+        ("model=gmm_toy", "sampler.schedule.kind=cubic"),
+        r"sampler\.schedule\.kind='cubic'.*karras",
+        2,
+    ),
+    Case(
+        "empty-seeds",
+        "no seeds",
+        "sample.py",
+        ("model=gmm_toy", "seeds=[]"),
+        r"seeds is empty; give e\.g\. seeds=0-63",
+        2,
+    ),
+    Case(
+        "required-setting",
+        "a required setting left unset",
+        "sample.py",
+        ("model=from_checkpoint",),
+        r"model\.path is required and has no value \(\?\?\?\); set it",
+        2,
+    ),
+    Case(
+        "missing-checkpoint",
+        "a missing checkpoint",
+        "sample.py",
+        ("model=from_checkpoint", "model.path={tmp}/missing.pt"),
+        r"model\.path='.*missing\.pt'.* does not exist",
+        2,
+    ),
+    Case(
+        "truncated-checkpoint",
+        "a truncated checkpoint",
+        "sample.py",
+        ("model=from_checkpoint", "model.path={tmp}/truncated.pt", "device=cpu"),
+        r"model\.path='.*truncated\.pt' is not a readable checkpoint",
+        2,
+        setup=make_bundles,
+    ),
+    Case(
+        "foreign-checkpoint",
+        "a checkpoint that is not a fastsample model (bare weights)",
+        "sample.py",
+        ("model=from_checkpoint", "model.path={tmp}/weights.pt", "device=cpu"),
+        r"model\.path='.*weights\.pt' is not a fastsample bundle",
+        2,
+        setup=make_bundles,
+    ),
+    Case(
+        "wrong-shape",
+        "a data shape the model does not make",
+        "sample.py",
+        ("model=gmm_toy", "shape=[3,8,8]"),
+        r"shape=\[3, 8, 8\] does not match the model's data shape \[2\]",
+        2,
+    ),
+    Case(
+        "class-label-range",
+        "a class label the model does not have",
+        "sample.py",
+        ("model=gmm_toy", "class_labels=12"),
+        r"class_labels=12 is not allowed; choose null, cycle or a class in \[0, 7\]",
+        2,
+    ),
+    Case(
+        "model-nan",
+        "a model that returns NaN",
+        "sample.py",
+        ("model=gmm_toy", "model.std=nan"),
+        r"the model returned non-finite values at call 1 \(sigma=80\)",
+        3,
+    ),
+    Case(
+        "extreme-guidance",
+        "an extreme guidance scale (a warning; the run completes)",
+        "sample.py",
+        ("model=gmm_toy", "guidance=gmm_posterior", "guidance.scale=1000", "seeds=0-7"),
+        r"ExtremeGuidanceWarning: guidance\.scale=1000 is far above the usual range 0-30",
+        0,
+    ),
+    Case(
+        "resume-other-settings",
+        "resuming into an output folder made with other settings",
+        "sample.py",
+        ("model=gmm_toy", "seeds=0-7", "sampler.steps=4", "output_dir={tmp}/out"),
+        r"output_dir='.*out' holds a sample run made with sampler\.steps=3, but this run has "
+        r"sampler\.steps=4",
+        2,
+        setup=make_previous_run,
+    ),
+    Case(
+        "disk-full",
+        "a full disk while writing outputs (simulated: fsync reports ENOSPC after the first file)",
+        "sample.py",
+        ("model=gmm_toy", "seeds=0-7"),
+        r"cannot write .*/shards/seeds-00000000-00000007\.npz: No space left on device \(ENOSPC\)",
+        2,
+        patch=disk_full,
+    ),
+    Case(
+        "debug-traceback",
+        "any user error with FASTSAMPLE_DEBUG=1 (the traceback is shown)",
+        "sample.py",
+        ("model=gmm_toy", "sampler.steps=0"),
+        r"Traceback \(most recent call last\).*UserError: sampler\.steps=0 is out of range",
+        1,
+        process=True,
+        env={"FASTSAMPLE_DEBUG": "1"},
+    ),
+    Case(
+        "train-unknown-dataset",
+        "an unknown data set",
+        "train.py",
+        (*TINY_TRAIN, "dataset.name=imagenet"),
+        r"dataset\.name='imagenet' is not allowed; choose one of: .*digits",
+        2,
+    ),
+    Case(
+        "train-missing-dataset",
+        "a missing data set",
+        "train.py",
+        (*TINY_TRAIN, "dataset=mnist", "dataset.root={tmp}/nowhere", "task.net.image_size=28"),
+        r"mnist train files .* not found; looked in: <tmp>/nowhere, .*Provide them with dataset\.root=DIR",
+        2,
+    ),
+    Case(
+        "train-empty-dataset",
+        "an empty image folder",
+        "train.py",
+        (
+            *TINY_TRAIN,
+            "dataset=image_folder",
+            "dataset.root={tmp}/empty",
+            "dataset.resolution=8",
+            "dataset.channels=1",
+        ),
+        r"no images .* found under .*empty; set dataset\.root to a folder that contains image files",
+        2,
+        setup=make_empty_folder,
+    ),
+    Case(
+        "train-image-shape",
+        "a network whose image size differs from the data",
+        "train.py",
+        (*TINY_TRAIN, "task.net.image_size=16"),
+        r"the network expects images of shape \(1, 16, 16\) but dataset 'digits' gives \(1, 8, 8\)",
+        2,
+    ),
+    Case(
+        "train-invalid-lr",
+        "an invalid learning rate",
+        "train.py",
+        (*TINY_TRAIN, "task.lr=-0.001"),
+        r"task\.lr=-0\.001 is out of range; allowed: \(0, inf\]",
+        2,
+    ),
+    Case(
+        "train-truncated-ckpt",
+        "resuming from a truncated training checkpoint",
+        "train.py",
+        (*TINY_TRAIN, "ckpt_path={tmp}/truncated.ckpt"),
+        r"ckpt_path='.*truncated\.ckpt' is not a readable checkpoint",
+        2,
+        setup=make_bundles,
+    ),
+    Case(
+        "train-foreign-ckpt",
+        "resuming from a file that is not a training checkpoint",
+        "train.py",
+        (*TINY_TRAIN, "ckpt_path={tmp}/model.pt"),
+        r"ckpt_path='.*model\.pt' is not a Lightning training checkpoint",
+        2,
+        setup=make_bundles,
+    ),
+    Case(
+        "eval-missing-samples",
+        "samples that do not exist",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/none.npz", "ref={tmp}/ref.npz"),
+        r"samples='.*none\.npz' does not exist",
+        2,
+        setup=make_eval_files,
+    ),
+    Case(
+        "eval-npz-without-images",
+        "an .npz without the images array",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/no_images.npz", "ref={tmp}/ref.npz"),
+        r"samples='.*no_images\.npz' lacks an 'images' array \(has: samples\)",
+        2,
+        setup=make_eval_files,
+    ),
+    Case(
+        "eval-wrong-channels",
+        "images with the wrong number of channels",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/rgb.npz", "ref={tmp}/ref.npz"),
+        r"images are 3x28x28 \(C x H x W\) but the feature extractor 'classifier:\w+' expects 1x28x28",
+        2,
+        setup=make_eval_files,
+    ),
+    Case(
+        "eval-wrong-shape",
+        "images of the wrong size",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/small.npz", "ref={tmp}/ref.npz"),
+        r"images are 1x8x8 \(C x H x W\) but the feature extractor 'classifier:\w+' expects 1x28x28",
+        2,
+        setup=make_eval_files,
+    ),
+    Case(
+        "eval-empty-folder",
+        "an empty folder of samples",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/empty", "ref={tmp}/ref.npz"),
+        r"samples='.*empty' holds no image files",
+        2,
+        setup=lambda tmp: (make_eval_files(tmp), make_empty_folder(tmp)),
+    ),
+    Case(
+        "eval-reference-without-keys",
+        "reference statistics without mu / sigma",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/small.npz", "ref={tmp}/no_mu.npz"),
+        r"reference statistics file '.*no_mu\.npz' lacks mu, sigma \(has: features\)",
+        2,
+        setup=make_eval_files,
+    ),
+    Case(
+        "eval-reference-other-extractor",
+        "reference statistics from another feature extractor",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/small.npz", "ref={tmp}/inception_ref.npz"),
+        r"were made with extractor 'inception-v3-clean', not 'classifier:\w+'; recompute them",
+        2,
+        setup=make_eval_files,
+    ),
+)
+
+
+# -- running a case ----------------------------------------------------------------------------------------
+
+
+def compose(config: str, args: tuple[str, ...], tmp: Path):
+    """The entry point's config for ``args``, writing under ``<tmp>/out`` (what hydra.run.dir would do)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [f"paths.output_dir={tmp}/out", f"paths.cache_dir={tmp}/cache"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config, overrides=[*overrides, *args])
+
+
+def _entry_point(script: str) -> Callable:
+    """What ``script`` runs for a composed config: its own ``run_cli`` path."""
+    from fastsample.utils.errors import run_cli
+
+    if script == "sample.py":
+        spec = importlib.util.spec_from_file_location("sample_entry", ROOT / "sample.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.run
+    if script == "train.py":
+        from fastsample.training import train
+
+        return lambda cfg: run_cli(lambda: train(cfg))
+    from fastsample.evaluation import evaluate
+
+    return lambda cfg: run_cli(lambda: evaluate(cfg))
+
+
+def run_case(case: Case, tmp: Path) -> Outcome:
+    """Run ``case`` in the fresh folder ``tmp``; returns what the user saw."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    if case.setup is not None:
+        case.setup(tmp)
+    args = tuple(arg.format(tmp=tmp) for arg in case.args)
+    env = {"FASTSAMPLE_DATA": str(tmp / "data"), **case.env}  # data lookups name no outside folder
+    run = _run_process if case.process else _run_in_process
+    stderr, code = run(case, args, tmp, env)
+    return Outcome(shown_message(stderr, case.exit_code, tmp), code)
+
+
+def _run_in_process(case: Case, args: tuple[str, ...], tmp: Path, env: dict[str, str]) -> tuple[str, int]:
+    captured, code = io.StringIO(), 0
+    patch = case.patch() if case.patch is not None else contextlib.nullcontext()
+    environment = mock.patch.dict(os.environ, env)
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stderr(captured),
+        patch,
+        environment,
+    ):
+        warnings.simplefilter("always")
+        try:
+            _entry_point(case.script)(compose(CONFIGS[case.script], args, tmp))
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
+    return "\n".join([*shown, captured.getvalue()]), code
+
+
+def _run_process(case: Case, args: tuple[str, ...], tmp: Path, env: dict[str, str]) -> tuple[str, int]:
+    environment = {key: value for key, value in os.environ.items() if key != "FASTSAMPLE_DEBUG"}
+    environment.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env})
+    result = subprocess.run(
+        [sys.executable, case.script, *args, f"hydra.run.dir={tmp}/run"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return result.stderr, result.returncode
+
+
+def shown_message(stderr: str, exit_code: int, tmp: Path) -> str:
+    """The lines a user reads in ``stderr``, joined into one: the ``error:`` line of a user error, a
+    warning's line, or (Hydra's errors, tracebacks) the message lines; paths normalized."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line and not _noise(line)]
+    if "Config search path:" in lines:  # Hydra's list of installation folders ends its message
+        lines = lines[: lines.index("Config search path:")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        lines = errors
+    elif exit_code == 0:
+        lines = [line for line in lines if "Warning: " in line]
+    elif any(line.startswith("Traceback") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+        lines = [*lines[: start + 1], lines[-1]]  # the frames in between depend on the installation
+    return " / ".join(lines).replace(str(tmp), "<tmp>").replace(str(ROOT), "<repo>")
+
+
+NOISE = ("Set the environment variable HYDRA_FULL", "[", "GPU available", "TPU available", "Running in", "💡")
+
+
+def matches(case: Case, outcome: Outcome) -> bool:
+    """Whether ``outcome`` is what ``case`` expects (its pattern and exit code)."""
+    return bool(re.search(case.message, outcome.message)) and outcome.exit_code == case.exit_code
+
+
+def _noise(line: str) -> bool:
+    """Progress bars, log lines, Lightning's banners and Hydra's hint, which are not the message."""
+    return bool(re.search(r"\d+%\|", line)) or line.startswith(NOISE)
+
+
+# -- the document --------------------------------------------------------------------------------------------
+
+HEADER = """# Bad-input catalog
+
+Every row is a test: `tests/test_errors.py` runs the command (in `tests/error_catalog.py`, with the
+files `{tmp}` stands for) and checks that the message the user sees and the exit code are exactly
+the ones below. Regenerate after changing a message: `.venv/bin/python tests/error_catalog.py`.
+
+Exit codes: 0 success (warnings may be printed), 1 Hydra could not compose the config (or an
+unexpected error / a debug traceback), 2 a user error (`error: <message>`, one line, no traceback),
+3 a numerical error (the model or the sampler produced NaN / inf). `FASTSAMPLE_DEBUG=1` shows the
+traceback of any user error. `docs/reliability.md` explains resuming, run states and atomic outputs.
+
+| case | input | command | message | exit |
+|---|---|---|---|---:|
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(rows: list[tuple[Case, Outcome]]) -> str:
+    """The Markdown document for ``rows``."""
+    lines = [
+        f"| `{case.name}` | {_cell(case.input)} | `{_cell(case.command())}` | "
+        f"{_cell(outcome.message)} | {outcome.exit_code} |"
+        for case, outcome in rows
+    ]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def parse(text: str) -> dict[str, Outcome]:
+    """The documented outcome of each case name in a rendered document."""
+    outcomes = {}
+    for line in text.splitlines():
+        match = re.match(r"^\| `([^`]+)` \|.*\| (.*) \| (\d+) \|$", line)
+        if match:
+            outcomes[match[1]] = Outcome(match[2].replace("\\|", "|"), int(match[3]))
+    return outcomes
+
+
+def main(names: list[str]) -> None:
+    """Run every case (or only ``names``, printing them without writing the document)."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for case in CASES:
+            if names and case.name not in names:
+                continue
+            outcome = run_case(case, Path(folder) / case.name)
+            print(f"{case.name}: exit {outcome.exit_code}: {outcome.message}", file=sys.__stderr__)
+            rows.append((case, outcome))
+    wrong = [case.name for case, outcome in rows if not matches(case, outcome)]
+    if wrong:
+        raise SystemExit(f"message or exit code not as the catalog expects: {', '.join(wrong)}")
+    if names:
+        return
+    DOC.write_text(render(rows))
+    print(f"wrote {DOC}", file=sys.__stderr__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
