@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test test-slow lint format bench pretrain pretrain-diffusion \
+.PHONY: help install data demo test test-slow lint format bench errors-doc pretrain pretrain-diffusion \
 	pretrain-classifier pretrain-guidance-classifier pretrain-vae clean
 
 help:  ## list the targets
@@ -49,6 +49,10 @@ bench: install data  ## benchmarks under bench/ (print tables; docs/samplers.md 
 	$(PY) bench/convergence_order.py
 	$(PY) bench/few_step_multistep.py
 	$(PY) bench/sampler_overhead.py
+	$(PY) bench/sampling_memory.py
+
+errors-doc: install  ## regenerate docs/errors.md (the bad-input catalog) by running every case
+	$(PY) tests/error_catalog.py
 
 # Shipped models: train into $(PRETRAIN_DIR)/<name> (rerunning resumes from its last checkpoint), then
 # install the exported bundle into fastsample/assets (copy + rename, so a failed copy leaves no partial file).

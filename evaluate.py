@@ -19,6 +19,8 @@ def main(cfg: DictConfig) -> float:
             f"({summary['wall_time_s']} s)"
         )
         return math.nan
+    if summary["metrics"] is None:
+        return math.nan  # a rank > 0 of a distributed run (trainer=...): rank 0 reports
     print(format_metrics(summary["metrics"]))
     print(f"metrics -> {summary['output_dir']}/metrics.json")
     return float(summary["metrics"].get("fid", math.nan))

@@ -5,31 +5,51 @@
         schedule_search.method=gits|ays                                       (docs/schedules.md)
 """
 
+from pathlib import Path
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
-from fastsample.utils.errors import check_choice, run_cli
+from fastsample.utils.errors import check_choice, fail, run_cli
 
 MODES = ("generate", "optimize_schedule")
 
 
-def generate_samples(cfg: DictConfig) -> float:
-    """Run the sampling job; returns images/s so sweeps can compare samplers."""
+def sampling_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """One process (no ``trainer``, the default) or Lightning processes (``trainer=ddp_cpu|ddp|...``,
+    which return ``None`` on ranks other than 0)."""
+    if cfg.get("trainer"):
+        from fastsample.lit.sampling import generate_distributed
+
+        return generate_distributed(cfg)
     from fastsample.sampling import generate
 
-    summary = run_cli(lambda: generate(cfg))
+    return generate(cfg)
+
+
+def generate_samples(cfg: DictConfig) -> float:
+    """Run the sampling job; returns images/s so sweeps can compare samplers."""
+    from fastsample.tracking import log_job
+
+    summary = run_cli(lambda: sampling_job(cfg))
+    if summary is None:
+        return 0.0  # a rank > 0 of a distributed run: rank 0 reports and logs
     print(
         f"{summary['samples']} samples, {summary['sampler']} x {summary['steps']} steps "
         f"(NFE {summary['nfe']}) in {summary['wall_time_s']} s -> {summary['output_dir']}"
     )
+    grid = Path(summary["output_dir"]) / "grid.png"
+    run_cli(lambda: log_job(cfg, summary, "sample", images={"sample/grid": grid}))
     return float(summary["images_per_s"] or 0.0)
 
 
 def search_schedule(cfg: DictConfig) -> float:
     """Run the schedule search; returns the mean RMS of the optimized schedules (held-out if measured)."""
     from fastsample.schedule_search.job import optimize_schedule
+    from fastsample.tracking import log_job
 
-    scores = []
+    scores, logged = [], {}
     for summary in run_cli(lambda: optimize_schedule(cfg)):
         held_out = "holdout" in summary["metrics"]
         metrics = summary["metrics"]["holdout" if held_out else "search"]
@@ -45,6 +65,8 @@ def search_schedule(cfg: DictConfig) -> float:
             f"sampler.schedule.kind=file ++sampler.schedule.path={path}"
         )
         scores.append(float(metrics["rms"]))
+        logged.update({f"nfe{summary['nfe']}/{key}": value for key, value in metrics.items()})
+    run_cli(lambda: log_job(cfg, logged, "schedule"))
     return sum(scores) / len(scores)
 
 
@@ -52,6 +74,8 @@ def run(cfg: DictConfig) -> float:
     """Dispatch on ``mode``: ``generate`` (default) or ``optimize_schedule``."""
     mode = cfg.get("mode", "generate")
     run_cli(lambda: check_choice("mode", mode, MODES))
+    if mode == "optimize_schedule" and cfg.get("trainer"):
+        run_cli(lambda: fail("trainer= (distributed sampling) applies to mode=generate only; drop it"))
     return search_schedule(cfg) if mode == "optimize_schedule" else generate_samples(cfg)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fastsample.evaluation import build_evaluator, prepare_reference
 from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
+from fastsample.tracking import log_summary
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import write_bytes_atomic
 
@@ -142,6 +143,13 @@ def fid_vs_nfe(args: BenchSettings, overrides: list[str] = ()) -> list[dict]:
     write_csv(out / "fid_vs_nfe.csv", rows)
     write_bytes_atomic(out / "fid_vs_nfe.md", f"{title}\n\n{markdown_table(rows)}\n".encode())
     plot(out / "fid_vs_nfe.png", rows, title)
+    log_summary(  # logger=wandb|tensorboard: the table and the plot as a run of their own
+        cfg.get("logger"),
+        rows,
+        f"{title}\n\n{markdown_table(rows)}",
+        key="benchmark/fid_vs_nfe",
+        plots={"benchmark/fid_vs_nfe": out / "fid_vs_nfe.png"},
+    )
     print(f"\n{markdown_table(rows)}")
     print(f"\ntable: {out / 'fid_vs_nfe.md'}\nCSV: {out / 'fid_vs_nfe.csv'}\nplot: {out / 'fid_vs_nfe.png'}")
     return rows

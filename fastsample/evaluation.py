@@ -24,7 +24,6 @@ benchmarks reuse.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +33,7 @@ import re
 import time
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from fastsample.metrics import (
     load_reference,
     precision_recall,
 )
+from fastsample.metrics.resumable import extract_in_parts, finish_parts, parts_dir_for
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.io import save_npz_atomic, write_json_atomic
 
@@ -308,7 +308,11 @@ class Evaluator:
             )
         else:
             images = source
-        stats, shape = self._extract(images, what=f"reference images ({dataset or 'data'}/{split})")
+        what = f"reference images ({dataset or 'data'}/{split})"
+        if path is None:
+            stats, shape = self._extract(images, what)
+        else:  # written to a file: in parts, so a killed run resumes
+            stats, shape = self._extract_resumable(images, what, path)
         ref = Reference(
             stats.mu,
             stats.sigma,
@@ -322,7 +326,21 @@ class Evaluator:
         )
         if path is not None:
             ref = save_reference_file(path, ref)
+            finish_parts(parts_dir_for(path))
         return ref
+
+    def _extract_resumable(self, images: Any, what: str, path: str | os.PathLike) -> tuple[FeatureStats, Any]:
+        """:meth:`_extract` in parts saved beside ``path``: a rerun after a kill resumes (see
+        :mod:`fastsample.metrics.resumable`)."""
+        return extract_in_parts(
+            lambda batches: self._extract(batches, what),
+            iter_batches(images, self.batch_size),
+            parts_dir_for(path),
+            {"extractor": self.extractor.name, "weights_hash": self.extractor.weights_hash},
+            batch_size=self.batch_size,
+            keep_features=self.keep_features,
+            keep_logits=self.keep_logits,
+        )
 
     # -- features ----------------------------------------------------------------------------------
     def features(self, images: ImageBatch | Iterable[Any], what: str = "samples") -> FeatureStats:
@@ -444,6 +462,7 @@ class Evaluator:
         class_labels: torch.Tensor | None = None,
         guidance: Any = None,
         device: str | torch.device | None = None,
+        on_batch: Callable[[torch.Tensor], None] | None = None,
     ) -> dict[str, float]:
         """Generate the samples of ``seeds`` with ``sampler`` and score them on the fly (nothing is saved).
 
@@ -451,6 +470,7 @@ class Evaluator:
         ``sample.py`` would write for the same seeds. ``class_labels`` holds one label per seed.
         Adds ``nfe``, ``sampling_s`` (generation wall time) and ``images_per_s`` to the scores, and
         ``class_accuracy`` (argmax of the extractor's logits == the label) when labels are given.
+        ``on_batch`` sees every generated batch (e.g. to keep a preview grid).
         """
         from fastsample.sampling import generate_batch
 
@@ -479,18 +499,31 @@ class Evaluator:
                     images = generate_batch(sampler, model, chunk, tuple(shape), labels, guidance, device)
                 _sync(device)
                 timer["sampling_s"] += time.perf_counter() - begin
+                if on_batch is not None:
+                    on_batch(images)
                 yield images.float()
 
         stats = self.features(batches(), what=f"samples of {getattr(sampler, 'name', 'the sampler')}")
+        return self.sampler_scores(stats, sampler, seeds, class_labels, timer["sampling_s"])
+
+    def sampler_scores(
+        self,
+        stats: FeatureStats,
+        sampler: Any,
+        seeds: Sequence[int],
+        class_labels: torch.Tensor | None,
+        sampling_s: float,
+    ) -> dict[str, float]:
+        """:meth:`score_stats` of generated samples plus ``class_accuracy``, ``nfe``, ``sampling_s``,
+        ``images_per_s`` (shared by :meth:`score_sampler` and the distributed path)."""
         results = self.score_stats(stats)
         if class_labels is not None and stats.logits is not None and len(stats.logits) == len(seeds):
             # Conditional samples: how often the extractor's classifier agrees with the label asked for.
             predicted = np.asarray(stats.logits).argmax(axis=1)
             results["class_accuracy"] = float((predicted == class_labels.cpu().numpy()).mean())
         results["nfe"] = getattr(sampler, "nfe", None)
-        results["sampling_s"] = round(timer["sampling_s"], 4)
-        elapsed = timer["sampling_s"]
-        results["images_per_s"] = round(len(seeds) / elapsed, 2) if elapsed > 0 else None
+        results["sampling_s"] = round(sampling_s, 4)
+        results["images_per_s"] = round(len(seeds) / sampling_s, 2) if sampling_s > 0 else None
         return results
 
 
@@ -667,8 +700,15 @@ def score_samples_path(evaluator: Evaluator, samples: str | os.PathLike) -> dict
     return evaluator.score_npz(path)
 
 
-def generate_and_score(cfg: Any, evaluator: Evaluator, device: torch.device) -> tuple[dict[str, float], dict]:
-    """Sample ``cfg.seeds`` with ``cfg.model`` + ``cfg.sampler`` (sample.py's building blocks) and score."""
+def generate_and_score(
+    cfg: Any, evaluator: Evaluator, device: torch.device
+) -> tuple[dict[str, float] | None, dict]:
+    """Sample ``cfg.seeds`` with ``cfg.model`` + ``cfg.sampler`` (sample.py's building blocks) and score;
+    writes the first ``grid_size`` samples to ``<output_dir>/grid.png``.
+
+    With ``cfg.trainer`` the seeds are sharded over Lightning processes (:mod:`fastsample.lit.sampling`);
+    the metrics are then ``None`` on ranks other than 0.
+    """
     from fastsample.sampling import build_guidance, build_model, data_shape, describe_run, labels_for
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.seeding import parse_seeds
@@ -682,38 +722,56 @@ def generate_and_score(cfg: Any, evaluator: Evaluator, device: torch.device) -> 
         model = model.double()
     shape = data_shape(cfg, model)
     labels = labels_for(seeds, cfg.get("class_labels"), getattr(model, "num_classes", None))
-    metrics = evaluator.score_sampler(
-        model,
-        sampler,
-        seeds,
-        cfg.batch_size,
-        shape=shape,
-        class_labels=labels,
-        guidance=build_guidance(cfg),
-        device=device,
-    )
+    preview = PreviewGrid(cfg.get("grid_size", 64))
+    settings = {"shape": shape, "class_labels": labels, "guidance": build_guidance(cfg), "on_batch": preview}
+    if cfg.get("trainer"):  # seeds and feature statistics over Lightning processes; None on ranks > 0
+        from fastsample.lit.sampling import score_sampler_distributed
+
+        metrics = score_sampler_distributed(
+            cfg.trainer, evaluator, model, sampler, seeds, cfg.batch_size, **settings
+        )
+    else:
+        metrics = evaluator.score_sampler(model, sampler, seeds, cfg.batch_size, device=device, **settings)
     info = {
         **describe_run(sampler, model),
         "seeds": f"{seeds[0]}..{seeds[-1]} ({len(seeds)})",
     }
+    if metrics is not None:
+        preview.save(Path(cfg.output_dir) / "grid.png")
     return metrics, info
 
 
-def log_to_loggers(cfg: Any, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-    """Send ``eval/<name>`` metrics (and the run info as hyperparameters) to the configured loggers."""
-    from fastsample.training import instantiate_group
+class PreviewGrid:
+    """Keeps the first ``count`` generated images (image data only) as uint8 for ``grid.png``."""
 
-    loggers = instantiate_group(cfg.get("logger"))
-    numeric = {
-        f"eval/{key}": float(value)
-        for key, value in metrics.items()
-        if isinstance(value, (int, float)) and value is not None
-    }
-    for logger in loggers:
-        with contextlib.suppress(Exception):  # a logger's hyperparameter format is not worth a failed run
-            logger.log_hyperparams(json.loads(json.dumps(info, default=str)))
-        logger.log_metrics(numeric, step=0)
-        logger.finalize("success")
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+        self.images: list[np.ndarray] = []
+
+    def __call__(self, images: torch.Tensor) -> None:
+        kept = sum(len(batch) for batch in self.images)
+        if images.ndim == 4 and kept < self.count:
+            from fastsample.utils.images import to_uint8
+
+            self.images.append(to_uint8(images[: self.count - kept].detach().float()))
+
+    def save(self, path: Path) -> Path | None:
+        """Write the grid (nothing for non-image data); returns the path written, if any."""
+        if not self.images:
+            return None
+        from fastsample.utils.images import save_grid
+
+        save_grid(np.concatenate(self.images), path)
+        return path
+
+
+def log_to_loggers(cfg: Any, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+    """Send the resolved config and run info (hyperparameters), ``eval/<name>`` metrics and the sample
+    grid (mode=generate) to the configured loggers (:func:`fastsample.tracking.log_job`)."""
+    from fastsample.tracking import log_job
+
+    grid = {"eval/samples": Path(cfg.output_dir) / "grid.png"} if cfg.get("mode") == "generate" else None
+    log_job(cfg, metrics, "eval", info=info, images=grid)
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
@@ -744,6 +802,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
             "kept_features": 0 if ref.features is None else len(ref.features),
             "wall_time_s": round(time.perf_counter() - started, 3),
         }
+    if cfg.get("trainer") and cfg.mode != "generate":
+        fail(f"trainer= (distributed evaluation) applies to mode=generate, not mode={cfg.mode}; drop trainer")
     evaluator.reference = prepare_reference(cfg, evaluator)
     if cfg.mode == "score":
         if not cfg.get("samples"):
@@ -751,6 +811,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         metrics, info = score_samples_path(evaluator, cfg.samples), {"samples": str(cfg.samples)}
     else:
         metrics, info = generate_and_score(cfg, evaluator, device)
+        if metrics is None:  # a rank > 0 of a distributed run: rank 0 writes and logs the results
+            return {"mode": cfg.mode, "metrics": None, **info}
     summary = {
         "mode": cfg.mode,
         "metrics": metrics,

@@ -9,6 +9,7 @@ from the shards; ``grid.png`` and ``run.json`` are written last.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from fastsample.accel import NetworkOptions, apply_network_options
 from fastsample.guidance import GuidanceTask
 from fastsample.samplers import Sampler
 from fastsample.utils.errors import check_choice, fail
@@ -24,6 +26,7 @@ from fastsample.utils.images import save_grid, to_uint8
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import save_npz_atomic, write_json_atomic
 from fastsample.utils.npz import stream_npz
+from fastsample.utils.run_state import claim_sample_dir
 from fastsample.utils.seeding import SeedNoise, parse_seeds
 
 
@@ -37,9 +40,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` (a :class:`fastsample.diffusion.Denoiser`) in eval mode on ``device``."""
+    """Instantiate ``cfg.model`` (a :class:`fastsample.diffusion.Denoiser`) in eval mode on ``device``,
+    with the config's network speed options (``network_precision``, ``channels_last``, ``compile``)."""
     model = instantiate(cfg.model)
-    return model.to(device).eval()
+    return apply_network_options(model.to(device).eval(), NetworkOptions.from_config(cfg))
 
 
 def build_guidance(cfg: DictConfig) -> Any:
@@ -121,7 +125,7 @@ def generate_batch(
     noise = noise_source.randn(shape, device=device)
     if isinstance(guidance, GuidanceTask):
         run = guidance.setup(model, seeds=seeds, labels=labels, shape=shape, device=device, dtype=noise.dtype)
-        return sampler.sample(
+        samples = sampler.sample(
             run.denoiser,
             noise,
             cond=run.cond,
@@ -129,8 +133,16 @@ def generate_batch(
             generator=noise_source,
             sigmas=sampler.sigmas(model),
         )
-    cond = {"class_labels": labels.to(device)} if labels is not None else None
-    return sampler.sample(model, noise, cond=cond, guidance=guidance, generator=noise_source)
+    else:
+        cond = {"class_labels": labels.to(device)} if labels is not None else None
+        samples = sampler.sample(model, noise, cond=cond, guidance=guidance, generator=noise_source)
+    return decode_samples(model, samples)
+
+
+def decode_samples(model: Any, samples: torch.Tensor) -> torch.Tensor:
+    """Latent models (``model=diffusers_t2i``) decode their samples to images; others return them as is."""
+    decode = getattr(model, "decode_latents", None)
+    return samples if decode is None else decode(samples)
 
 
 def shard_path(shard_dir: Path, batch: list[int]) -> Path:
@@ -152,6 +164,8 @@ def describe_run(sampler: Sampler, model: Any, guidance: Any = None) -> dict[str
         description["guidance"] = guidance.describe()
     elif guidance is not None:
         description["guidance"] = {"name": type(guidance).__name__}
+    if getattr(model, "network_options", None):
+        description["network"] = dict(model.network_options)  # speed options that change the numerics
     return description
 
 
@@ -175,12 +189,16 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     labels = guidance_labels(cfg, seeds, model, guidance)
     shard_dir = out_dir / "shards"
     batches = [seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
+    # refuses a folder made with other settings (their shards would mix with ours under one name)
+    planned = {shard_path(shard_dir, batch): len(batch) for batch in batches}
+    run_state = claim_sample_dir(cfg, out_dir, planned)
+    position = {seed: i for i, seed in enumerate(seeds)}
     start, generated = time.perf_counter(), 0
     for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, unit="batch"):
         shard = shard_path(shard_dir, batch)
         if shard.exists():
             continue  # finished by an earlier, interrupted run of the same config
-        batch_labels = labels[[seeds.index(s) for s in batch]] if labels is not None else None
+        batch_labels = labels[[position[s] for s in batch]] if labels is not None else None
         with torch.no_grad():
             images = generate_batch(sampler, model, batch, shape, batch_labels, guidance, device)
         label_array = (batch_labels if batch_labels is not None else torch.full((len(batch),), -1)).numpy()
@@ -191,6 +209,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             seeds=np.asarray(batch),
         )
         generated += len(batch)
+        run_state.progress()
     elapsed = time.perf_counter() - start
     shards = [shard_path(shard_dir, batch) for batch in batches]
     stream_npz(shards, out_dir / "samples.npz")
@@ -207,7 +226,71 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(guidance, GuidanceTask):
         summary["guidance"].update(guidance.stats.as_dict())  # totals of this run (all its batches)
     write_json_atomic(out_dir / "run.json", summary)
+    run_state.finish()
     return summary
+
+
+@dataclass
+class SamplingPlan:
+    """What a sampling job generates, built once from the config: the distributed path
+    (:mod:`fastsample.lit.sampling`) hands each process a block of ``batches``."""
+
+    seeds: list[int]
+    batches: list[list[int]]
+    sampler: Sampler
+    guidance: Any
+    model: torch.nn.Module
+    shape: tuple[int, ...]
+    labels: torch.Tensor | None
+    shard_dir: Path
+
+    def batch_labels(self, batch: list[int]) -> torch.Tensor | None:
+        """The labels of one batch of seeds (``None`` when unconditional)."""
+        if self.labels is None:
+            return None
+        position = {seed: i for i, seed in enumerate(self.seeds)}
+        return self.labels[[position[seed] for seed in batch]]
+
+    def shards(self) -> list[Path]:
+        """Every batch's shard file, in seed order."""
+        return [shard_path(self.shard_dir, batch) for batch in self.batches]
+
+
+def plan_sampling(cfg: DictConfig, device: torch.device) -> SamplingPlan:
+    """Check the settings and build sampler, guidance and model as :func:`generate` does."""
+    check_choice("precision", cfg.get("precision", "float32"), ("float32", "float64"))
+    seeds = parse_seeds(cfg.seeds)
+    if not seeds:
+        fail("seeds is empty; give e.g. seeds=0-63")
+    if cfg.batch_size < 1:
+        fail(f"batch_size={cfg.batch_size} is not allowed; use a positive integer")
+    sampler: Sampler = instantiate(cfg.sampler)
+    guidance = build_guidance(cfg)
+    check_guidance(sampler, guidance)  # before the model: a refused combination fails at once
+    model = build_model(cfg, device)
+    if cfg.get("precision") == "float64":
+        model = model.double()
+    return SamplingPlan(
+        seeds=seeds,
+        batches=[seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)],
+        sampler=sampler,
+        guidance=guidance,
+        model=model,
+        shape=data_shape(cfg, model),
+        labels=guidance_labels(cfg, seeds, model, guidance),
+        shard_dir=Path(cfg.output_dir) / "shards",
+    )
+
+
+def save_shard(path: Path, images: torch.Tensor, labels: torch.Tensor | None, batch: list[int]) -> None:
+    """One finished batch as a shard: uint8 images (or the raw arrays), labels (-1: none), seeds."""
+    label_array = (labels if labels is not None else torch.full((len(batch),), -1)).cpu().numpy()
+    save_npz_atomic(
+        path,
+        images=to_uint8(images.float()) if images.ndim == 4 else images.cpu().numpy(),
+        labels=label_array,
+        seeds=np.asarray(batch),
+    )
 
 
 def save_first_grid(shards: list[Path], path: Path, count: int) -> None:

@@ -9,8 +9,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from fastsample.data.datamodule import per_device_batch_size
-from fastsample.utils.errors import fail
+from fastsample.tracking import finish_runs, resolved_config
+from fastsample.utils.errors import brief, fail
 from fastsample.utils.instantiation import instantiate
+from fastsample.utils.io import write_json_atomic
 
 
 def instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -21,15 +23,48 @@ def instantiate_group(node: DictConfig | None) -> list[Any]:
 
 
 def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` resumes from ``<output_dir>/checkpoints/last.ckpt`` if it exists (else starts fresh)."""
+    """``last`` resumes from ``<output_dir>/checkpoints/last.ckpt`` if it exists (else starts fresh).
+
+    The file is checked to be a readable Lightning training checkpoint before any training starts.
+    """
     if ckpt_path in (None, "", "none"):
         return None
     if ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(ckpt_path).exists():
+        if not last.exists():
+            return None
+        ckpt_path = str(last)
+    elif not Path(ckpt_path).exists():
         fail(f"ckpt_path={ckpt_path!r} does not exist; use null, last, or an existing .ckpt file")
+    check_training_checkpoint(ckpt_path)
     return ckpt_path
+
+
+def check_training_checkpoint(path: str) -> None:
+    """Fail unless ``path`` is a readable Lightning checkpoint (memory-mapped: tensors are not read)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated, not a zip archive, not a torch file
+        fail(
+            f"ckpt_path={path!r} is not a readable checkpoint ({brief(err)}); use another .ckpt "
+            "(or ckpt_path=null to start over)"
+        )
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= checkpoint.keys():
+        fail(
+            f"ckpt_path={path!r} is not a Lightning training checkpoint (a model.pt bundle or bare weights? "
+            "those are for sample.py model.path=); use a .ckpt from a run's checkpoints/ folder"
+        )
+
+
+def checkpoint_plugins(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """Atomic checkpoint files (:class:`AtomicCheckpointIO`) unless the trainer config sets plugins."""
+    if trainer_cfg.get("plugins"):
+        return {}
+    from fastsample.lit.checkpoint_io import AtomicCheckpointIO
+
+    return {"plugins": [AtomicCheckpointIO()]}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -39,17 +74,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.dataset)
     module = instantiate(cfg.task, _recursive_=False)
     check_shapes(module, datamodule)
+    loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        logger=loggers or False,
+        **checkpoint_plugins(cfg.trainer),
     )
     if isinstance(getattr(datamodule, "batch_size", None), int):  # fail before any process is launched
         per_device_batch_size(datamodule.batch_size, trainer.world_size)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_checkpoint(cfg.get("ckpt_path"), output_dir))
-    if cfg.get("export") and trainer.is_global_zero and hasattr(module, "export"):
-        module.export(output_dir / "model.pt")
-    return {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+    for logger in loggers:  # the whole run's settings, not only the task module's hyperparameters
+        logger.log_hyperparams(resolved_config(cfg))
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    status = "failed"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if cfg.get("export") and trainer.is_global_zero and hasattr(module, "export"):
+            module.export(output_dir / "model.pt")
+        status = "success"
+    finally:
+        finish_runs(loggers, status)  # the next job of a multirun must not log into this W&B run
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+    if trainer.is_global_zero:  # what a sweep's results table collects (fastsample.sweeps)
+        write_json_atomic(output_dir / "metrics.json", {"mode": "train", "metrics": metrics})
+    return metrics
 
 
 def check_shapes(module: Any, datamodule: Any) -> None:

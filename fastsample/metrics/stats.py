@@ -14,6 +14,7 @@ reason for the cap. The metrics themselves upcast to float64.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -167,6 +168,25 @@ class FeatureStats:
 
     def __repr__(self) -> str:
         return f"FeatureStats(count={self.count}, dim={self.dim})"
+
+
+def merge_states(states: Iterable[dict[str, Any]]) -> FeatureStats:
+    """One accumulator from several :meth:`FeatureStats.state_dict` s, merged in the given order.
+
+    This is the cross-process reduction of distributed evaluation (:mod:`fastsample.lit.sampling`):
+    every rank's state is gathered (``all_gather_object``) and merged in rank order. Merging count,
+    mean and centred sum of outer products (Chan et al.) is exact, unlike all-reducing raw sums,
+    which cancel when the mean is large next to the spread; and when each rank holds a contiguous
+    block of the data, the kept raw rows come out in data order, so KID / PR / IS see the same rows
+    as a single process.
+    """
+    merged: FeatureStats | None = None
+    for state in states:
+        stats = FeatureStats().load_state_dict(state)
+        merged = stats if merged is None else merged.merge(stats)
+    if merged is None:
+        fail("no feature statistics to merge")
+    return merged
 
 
 def _keep(kept: list[torch.Tensor], rows: torch.Tensor, cap: int) -> list[torch.Tensor]:
