@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from fastsample.benchmark import compose, exact_row, fmt, plot  # noqa: E402
 from fastsample.utils.errors import fail, run_cli  # noqa: E402
 
-COLUMNS = ["sampler", "setting", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"]
+COLUMNS = ["sampler", "family", "setting", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"]
 FAMILIES = ("heun", "edm_sde", "ddpm", "restart")
 SDE_FAMILIES = ("edm_sde", "ddpm")
 
@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="outputs/bench/restart_fid_vs_nfe", help="output folder")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-samples row of a mixture")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="combine the CSVs of runs split by --samplers (same seeds and model) into --out; no sampling",
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [item for item in overrides if item.startswith("--")]
     if unknown:
@@ -164,7 +170,6 @@ def restart_fid_vs_nfe(args: argparse.Namespace, overrides: list[str]) -> list[d
     from fastsample.evaluation import build_evaluator, prepare_reference
     from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
     from fastsample.utils.instantiation import instantiate
-    from fastsample.utils.io import write_bytes_atomic
 
     out = Path(args.out)
     seeds = list(range(args.samples))
@@ -231,6 +236,13 @@ def restart_fid_vs_nfe(args: argparse.Namespace, overrides: list[str]) -> list[d
         )
 
     title = f"{args.model}, {len(seeds)} samples (seeds 0-{len(seeds) - 1}), {evaluator.extractor.name}"
+    return report(out, rows, title)
+
+
+def report(out: Path, rows: list[dict], title: str) -> list[dict]:
+    """Write ``restart_fid_vs_nfe.{csv,md,png}`` to ``out`` and print the table and the summary."""
+    from fastsample.utils.io import write_bytes_atomic
+
     table, summary = markdown_table(rows), summarize(rows)
     write_csv(out / "restart_fid_vs_nfe.csv", rows)
     write_bytes_atomic(out / "restart_fid_vs_nfe.md", f"{title}\n\n{table}\n\n{summary}\n".encode())
@@ -238,6 +250,22 @@ def restart_fid_vs_nfe(args: argparse.Namespace, overrides: list[str]) -> list[d
     print(f"\n{table}\n\n{summary}")
     print(f"\nCSV: {out / 'restart_fid_vs_nfe.csv'}\nplot: {out / 'restart_fid_vs_nfe.png'}")
     return rows
+
+
+def merge(args: argparse.Namespace) -> list[dict]:
+    """Rows of several runs (one per curve, e.g. on one GPU side by side) as one table and plot."""
+    rows: list[dict] = []
+    for folder in args.merge:
+        path = Path(folder) / "restart_fid_vs_nfe.csv"
+        if not path.is_file():
+            fail(f"--merge: {path} does not exist (run the bench with --out {folder} first)")
+        for row in csv.DictReader(path.open()):
+            for key in ("steps", "nfe"):
+                row[key] = int(row[key]) if row[key] else None
+            for key in ("fid", "kid", "sampling_s", "ms_per_image"):
+                row[key] = float(row[key]) if row[key] else None
+            rows.append(row)
+    return report(Path(args.out), rows, f"{args.model}, {args.samples} samples (merged runs)")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -312,7 +340,7 @@ def summarize(rows: list[dict]) -> str:
 
 def main() -> None:
     args, overrides = parse_args()
-    run_cli(lambda: restart_fid_vs_nfe(args, overrides))
+    run_cli(lambda: merge(args) if args.merge else restart_fid_vs_nfe(args, overrides))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ contraction on an analytic mixture, the VP / discrete-time variant, configs and 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,53 @@ def test_experiment_and_optuna_search_compose_into_valid_samplers() -> None:
             sampler = instantiate(trial_cfg.sampler)
             assert sampler.knobs["restart_list"][0]["t_max"] == trial.params["sampler.restart_list.0.t_max"]
             assert sampler.nfe == 35 + 3 * 2 * 3
+
+
+# -- the benchmark's report: runs split by curve (one per GPU process) merge into one summary -------
+
+
+def _load_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "restart_fid_vs_nfe.py"
+    spec = importlib.util.spec_from_file_location("restart_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_merge_combines_curves_and_states_the_claims(tmp_path, capsys):
+    bench = _load_bench()
+    curves = {
+        "heun": [("heun", "heun", 21, 0.41), ("heun", "heun", 51, 0.40)],
+        "sde": [("edm_sde S_churn=40", "edm_sde", 51, 0.33), ("edm_sde S_churn=40", "edm_sde", 251, 0.28)],
+        "restart": [("restart", "restart", 41, 0.38), ("restart", "restart", 95, 0.27)],
+    }
+    for name, rows in curves.items():
+        (tmp_path / name).mkdir()
+        records = [
+            {
+                "sampler": s,
+                "family": f,
+                "setting": f"NFE {n}",
+                "steps": n,
+                "nfe": n,
+                "fid": fid,
+                "sampling_s": n / 10,
+            }
+            for s, f, n, fid in rows
+        ]
+        bench.write_csv(tmp_path / name / "restart_fid_vs_nfe.csv", records)
+    args, _ = bench.parse_args(
+        ["--merge", *(str(tmp_path / name) for name in curves), "--out", str(tmp_path)]
+    )
+    rows = bench.merge(args)
+    assert len(rows) == 6 and {row["family"] for row in rows} == {"heun", "edm_sde", "restart"}
+    summary = (tmp_path / "restart_fid_vs_nfe.md").read_text()
+    assert "Restart reaches the best SDE FID (0.28 at NFE 251) at NFE 95" in summary
+    assert "NFE ratio SDE / Restart = 2.64" in summary
+    assert "Restart beats the best ODE FID (0.4 at NFE 51) from NFE 41" in summary
+    assert (tmp_path / "restart_fid_vs_nfe.png").stat().st_size > 0
+    with pytest.raises(UserError, match="--merge: .* does not exist"):
+        bench.merge(bench.parse_args(["--merge", str(tmp_path / "missing")])[0])
