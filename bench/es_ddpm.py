@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", default="fid", choices=("fid", "control", "truncated-training"))
+    parser.add_argument("--mode", default="fid", choices=("fid", "control", "pairs", "truncated-training"))
     parser.add_argument(
         "--quick", action="store_true", help="CPU-sized settings (overridable): " + str(QUICK)
     )
@@ -505,6 +505,39 @@ def control_grid(args: argparse.Namespace, overrides: list[str]) -> Path:
     return path
 
 
+def prior_pairs(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Row 1: the prior's samples x0'; row 2: ES-DDPM from them (T' = --edit-t-prime), same seeds."""
+    import torch
+
+    from fastsample.sampling import build_model, data_shape, resolve_device
+    from fastsample.utils.images import grid, save_png, to_uint8
+    from fastsample.utils.instantiation import instantiate
+    from fastsample.utils.seeding import SeedNoise
+
+    out = Path(args.out)
+    base = [f"model={args.model}", f"device={args.device}", f"paths.output_dir={out}", *overrides]
+    cfg = compose(base)
+    device = resolve_device(cfg.device)
+    settings = [f"sampler.t_prime={args.edit_t_prime}", f"sampler.steps={args.edit_steps}"]
+    sampler = instantiate(compose([*base, *prior_overrides(args, args.prior), *settings]).sampler)
+    model = build_model(cfg, device)
+    shape = data_shape(cfg, model)
+    seeds = ints(args.edit_seeds)
+    streams = SeedNoise(seeds)
+    with torch.no_grad():
+        prior = sampler.draw_prior(len(seeds), streams, shape, device=device)
+        denoised = sampler.sample(model, streams.randn(shape, device=device), generator=streams)
+    picture = grid(to_uint8(torch.cat([prior.float().cpu(), denoised.float().cpu()])), nrow=len(seeds))
+    picture = picture.repeat(args.grid_scale, axis=0).repeat(args.grid_scale, axis=1)
+    path = out / f"es_ddpm_{args.prior}_pairs.png"
+    save_png(picture, path)
+    print(
+        f"{path}: row 1 the {args.prior} prior's samples, row 2 ES-DDPM from them "
+        f"(T'={args.edit_t_prime}, {args.edit_steps} steps)"
+    )
+    return path
+
+
 # -- truncated training -----------------------------------------------------------------------------
 
 
@@ -611,6 +644,8 @@ def main() -> None:
     args, overrides = parse_args()
     if args.mode == "control":
         run_cli(lambda: control_grid(args, overrides))
+    elif args.mode == "pairs":
+        run_cli(lambda: prior_pairs(args, overrides))
     elif args.mode == "truncated-training":
         run_cli(lambda: truncated_training(args, overrides))
     else:
