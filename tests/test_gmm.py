@@ -269,3 +269,24 @@ def test_fit_errors() -> None:
         GaussianMixture.fit(data[:1])
     with pytest.raises(UserError, match="dataset.mixture"):
         GaussianMixture.toy("spiral")
+
+
+def test_fit_with_a_cluster_smaller_than_the_rank_pads_without_changing_its_covariance() -> None:
+    from fastsample.models.gmm import _pad_basis, _pca
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(40, 1, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0] * 34 + [1] * 6)  # class 1: 6 points, rank 16
+    mixture = GaussianMixture.fit(data, labels, rank=16, components_per_class=1)
+    assert mixture.bases.shape == (2, 64, 16)
+
+    def covariance(basis, top, rest):
+        projector = basis @ basis.T
+        return basis @ torch.diag(top) @ basis.T + rest * (torch.eye(64, dtype=basis.dtype) - projector)
+
+    small = data[labels == 1].reshape(6, -1)
+    _, basis, top, rest = _pca(small, 6, 1e-4)  # the cluster's own (6-dimensional) fit
+    padded_basis, padded_top = _pad_basis(basis, top, rest, 16)
+    assert torch.allclose(padded_basis.T @ padded_basis, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    padded = covariance(padded_basis, padded_top, rest)
+    assert torch.allclose(padded, covariance(basis, top, rest), atol=1e-12)

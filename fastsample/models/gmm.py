@@ -255,7 +255,7 @@ def _pca(points: Tensor, rank: int, min_variance: float) -> tuple[Tensor, Tensor
     mean = points.mean(0)
     centered = points - mean
     dim, scale = centered.shape[1], 1.0 / max(len(points) - 1, 1)
-    rank = min(rank, dim, len(points))
+    wanted, rank = min(rank, dim), min(rank, dim, len(points))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         _, singular, vectors = torch.svd_lowrank(centered, q=min(rank + 10, dim, len(points)), niter=4)
@@ -263,7 +263,22 @@ def _pca(points: Tensor, rank: int, min_variance: float) -> tuple[Tensor, Tensor
     basis = vectors[:, :rank]
     remaining = (centered.pow(2).sum() * scale - top.sum()) / (dim - rank) if rank < dim else 1.0
     rest = torch.as_tensor(remaining, dtype=points.dtype).clamp(min=min_variance)
+    if rank < wanted:  # a cluster with fewer points than the rank: every component has the same shape
+        basis, top = _pad_basis(basis, top, rest, wanted)
     return mean, basis, top, rest
+
+
+def _pad_basis(basis: Tensor, top: Tensor, rest: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Extend ``basis`` to ``rank`` orthonormal columns with variance ``rest`` on the new ones.
+
+    The covariance ``B diag(top) B^T + rest (I - B B^T)`` gives variance ``rest`` to every direction
+    outside ``B`` already, so the padded component has exactly the same covariance.
+    """
+    generator = torch.Generator().manual_seed(0)
+    extra = torch.randn(basis.shape[0], rank - basis.shape[1], generator=generator, dtype=basis.dtype)
+    extra = extra - basis @ (basis.T @ extra)
+    extra = torch.linalg.qr(extra).Q
+    return torch.cat([basis, extra], dim=1), torch.cat([top, rest.expand(rank - len(top))])
 
 
 def fit_from_datamodule(
