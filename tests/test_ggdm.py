@@ -406,3 +406,19 @@ def test_bad_task_settings_fail_with_the_setting_named(tmp_path):
     for setting, value in (("steps", 0), ("lr", 0.0)):
         with pytest.raises(UserError, match=f"task.{setting}"):
             DDSSModule(**{**{k: v for k, v in cfg.task.items() if k != "_target_"}, setting: value})
+
+
+@pytest.mark.parametrize(
+    ("experiment", "target"),
+    [
+        ("ddss_fmnist", "fastsample.evaluation.classifier_features"),
+        ("ddss_fmnist_k5", "fastsample.evaluation.classifier_features"),
+        ("ddss_fmnist_random_features", "fastsample.lit.ddss.random_conv_features"),
+    ],
+)
+def test_ddss_experiments_pick_their_loss_features(tmp_path, experiment, target):
+    from fastsample.utils.instantiation import instantiate
+
+    cfg = compose_config("train", tmp_path, f"experiment={experiment}")
+    assert cfg.task.loss_features._target_ == target
+    assert callable(instantiate(cfg.task.loss_features))  # the group's keys fit the function
