@@ -127,23 +127,6 @@ def wandb_logger(
 # Building, feeding and closing the configured loggers
 
 
-def build_loggers(node: Mapping[str, Any] | None, **overrides: Any) -> list[Any]:
-    """Instantiate every entry of a ``logger`` group (``None`` / empty: no loggers).
-
-    ``overrides`` replace settings of every entry (the sweep callback points ``save_dir`` at the
-    sweep directory); entries without the setting ignore it.
-    """
-    from fastsample.utils.instantiation import instantiate
-
-    loggers = []
-    for entry in (node or {}).values():
-        if entry is None or "_target_" not in entry:
-            continue
-        extra = {key: value for key, value in overrides.items() if key in entry}
-        loggers.append(instantiate(entry, **extra))
-    return loggers
-
-
 def resolved_config(cfg: Any) -> dict[str, Any]:
     """``cfg`` as plain containers with interpolations resolved; unresolvable ones keep their text.
 
@@ -250,8 +233,12 @@ def close_loggers(loggers: Sequence[Any], status: str = "success") -> None:
 
 @contextlib.contextmanager
 def open_loggers(node: Mapping[str, Any] | None, **overrides: Any) -> Iterator[list[Any]]:
-    """:func:`build_loggers` for a block; closes them (status ``failed`` on an exception) afterwards."""
-    loggers = build_loggers(node, **overrides)
+    """The ``logger`` group's loggers for a block (``overrides`` as in
+    :func:`~fastsample.utils.instantiation.instantiate_group`); closes them (status ``failed`` on an
+    exception) afterwards."""
+    from fastsample.utils.instantiation import instantiate_group
+
+    loggers = instantiate_group(node, **overrides)
     status = "failed"
     try:
         yield loggers

@@ -11,15 +11,8 @@ from omegaconf import DictConfig
 from fastsample.data.datamodule import per_device_batch_size
 from fastsample.tracking import finish_runs, resolved_config
 from fastsample.utils.errors import brief, fail
-from fastsample.utils.instantiation import instantiate
+from fastsample.utils.instantiation import instantiate, instantiate_group
 from fastsample.utils.io import write_json_atomic
-
-
-def instantiate_group(node: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs group (callbacks, logger); skips null entries."""
-    if not node:
-        return []
-    return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
 
 
 def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:

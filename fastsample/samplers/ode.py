@@ -41,8 +41,7 @@ def sample_euler(
     levels = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        step = (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
-        x = denoised if levels[i + 1] == 0 else x + step
+        x = denoised if levels[i + 1] == 0 else x + (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
         report(callback, i, sigmas, x, denoised)
     return x
 

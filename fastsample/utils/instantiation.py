@@ -42,3 +42,17 @@ def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
         if user_error is None:
             raise
         raise user_error from None
+
+
+def instantiate_group(node: Any, **overrides: Any) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, logger); skips null entries.
+
+    ``overrides`` replace settings of every entry that has them (the sweep callback points the loggers'
+    ``save_dir`` at the sweep directory); entries without a setting ignore it.
+    """
+    built = []
+    for entry in (node or {}).values():
+        if entry is None or "_target_" not in entry:
+            continue
+        built.append(instantiate(entry, **{key: value for key, value in overrides.items() if key in entry}))
+    return built
