@@ -45,26 +45,34 @@ def generate_samples(cfg: DictConfig) -> float:
 
 
 def search_schedule(cfg: DictConfig) -> float:
-    """Run the schedule search; returns the mean RMS of the optimized schedules (held-out if measured)."""
+    """Run the schedule search; returns the mean score of the found schedules (held-out RMS, else search RMS,
+    or validation FID for method=quality)."""
     from fastsample.schedule_search.job import optimize_schedule
     from fastsample.tracking import log_job
 
     scores, logged = [], {}
     for summary in run_cli(lambda: optimize_schedule(cfg)):
-        held_out = "holdout" in summary["metrics"]
-        metrics = summary["metrics"]["holdout" if held_out else "search"]
+        where = next(name for name in ("holdout", "validation", "search") if name in summary["metrics"])
+        metrics = summary["metrics"][where]
+        score = "fid" if "fid" in metrics else "rms"
+        measured = (
+            f"validation FID {metrics['fid']:.4g} vs {metrics['baseline_fid']:.4g} with "
+            f"{summary['baseline']['kind']} (seeds {metrics['seeds']})"
+            if score == "fid"
+            else f"RMS to the teacher {metrics['rms']:.4g} vs {metrics['baseline_rms']:.4g} with "
+            f"{summary['baseline']['kind']} ({metrics['trajectories']} "
+            f"{'held-out' if where == 'holdout' else 'search'} trajectories)"
+        )
         sampler, steps, path = summary["sampler"], summary["steps"], summary["path"]
         print(
             f"{summary['method']} schedule for {sampler} at NFE {summary['nfe']} ({steps} steps): "
-            f"RMS to the teacher {metrics['rms']:.4g} vs {metrics['baseline_rms']:.4g} with "
-            f"{summary['baseline']['kind']} ({metrics['trajectories']} "
-            f"{'held-out' if held_out else 'search'} trajectories)\n"
+            f"{measured}\n"
             f"sigmas: {', '.join(f'{s:.4g}' for s in summary['sigmas'])}\n"
             f"written to {path}\n"
             f"use it: python sample.py sampler={sampler} sampler.steps={steps} "
             f"sampler.schedule.kind=file ++sampler.schedule.path={path}"
         )
-        scores.append(float(metrics["rms"]))
+        scores.append(float(metrics[score]))
         logged.update({f"nfe{summary['nfe']}/{key}": value for key, value in metrics.items()})
     run_cli(lambda: log_job(cfg, logged, "schedule"))
     return sum(scores) / len(scores)

@@ -11,6 +11,7 @@ other seeds. ``python bench/schedule_search_gmm.py`` (docs/schedules.md has the 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def robust(errors: torch.Tensor, trim: float) -> tuple[float, float]:
     return float(errors.median().sqrt()), float(kept.mean().sqrt())
 
 
+def random_grid(steps: int, sigma_min: float, sigma_max: float, generator: torch.Generator) -> torch.Tensor:
+    """A random ``steps``-step grid: flat-Dirichlet shares of log(sigma_max / sigma_min) as the gaps
+    between the levels and the slack below the last one (any valid grid can be drawn)."""
+    shares = -torch.rand(steps, generator=generator, dtype=torch.float64).log()
+    gaps = (shares / shares.sum())[:-1] * math.log(sigma_max / sigma_min)
+    below = (math.log(sigma_max) - gaps.cumsum(0)).exp()
+    return torch.cat(
+        [torch.tensor([sigma_max], dtype=torch.float64), below, torch.zeros(1, dtype=torch.float64)]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solvers", default="dpmpp_2m,ipndm,unipc")
@@ -80,6 +92,12 @@ def main() -> None:
     parser.add_argument("--ays-iterations", type=int, default=50)
     parser.add_argument("--ays-lr", type=float, default=0.1)
     parser.add_argument("--ays-trajectories", type=int, default=128)
+    parser.add_argument(
+        "--random-starts",
+        type=int,
+        default=0,
+        help="also run AYS from this many random grids; the one with the lowest search RMS is a column",
+    )
     parser.add_argument("--reference-steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="float32", choices=("float32", "float64"))
@@ -126,6 +144,8 @@ def main() -> None:
     nodes = levels.tolist() + [0.0]
     grid_of = lambda path: torch.tensor([nodes[k] for k in path], dtype=torch.float64)  # noqa: E731
     columns = [name for name, _ in HAND] + ["GITS (DP)", "GITS", "AYS (Karras init)", "AYS (GITS init)"]
+    if args.random_starts:
+        columns.append(f"AYS (best of {args.random_starts} random starts)")
     rows = []
     for solver in args.solvers.split(","):
         base = Sampler(solver, 1)
@@ -156,6 +176,13 @@ def main() -> None:
             grids["GITS"] = grid_of(path)
             timings["refine"] = time.perf_counter() - tick
             inits = {"AYS (Karras init)": grids["karras"], "AYS (GITS init)": grids["GITS (DP)"]}
+            generator = torch.Generator().manual_seed(nfe)
+            inits.update(
+                {
+                    f"random start {k}": random_grid(steps, model.sigma_min, model.sigma_max, generator)
+                    for k in range(args.random_starts)
+                }
+            )
             for label, init in inits.items():
                 tick = time.perf_counter()
                 grids[label], _ = ays_search(
@@ -170,6 +197,18 @@ def main() -> None:
                     progress=args.progress,
                 )
                 timings[label] = time.perf_counter() - tick
+            starts = [grids.pop(f"random start {k}") for k in range(args.random_starts)]
+            if starts:  # picked on the search trajectories, like every other method
+                label = f"AYS (best of {len(starts)} random starts)"
+                search_rms = [
+                    final_rms(sampler, model, grid, search, batch_size=args.batch) for grid in starts
+                ]
+                grids[label] = starts[min(range(len(starts)), key=search_rms.__getitem__)]
+                print(
+                    f"# {solver} NFE {nfe} random starts, search RMS: "
+                    + ", ".join(f"{v:.4f}" for v in search_rms)
+                )
+                timings[label] = sum(timings.pop(f"random start {k}") for k in range(len(starts)))
             per_sample = {
                 name: sample_errors(sampler, model, grid, reference) for name, grid in grids.items()
             }
@@ -183,7 +222,7 @@ def main() -> None:
                 + ", ".join(f"{k} {timings[k]:.0f} s" for k in timings if k.startswith("AYS")),
                 flush=True,
             )
-            for name in ("GITS (DP)", "GITS", "AYS (Karras init)", "AYS (GITS init)"):
+            for name in columns[len(HAND) :]:
                 print(f"#   {name}: " + ", ".join(f"{s:.4g}" for s in grids[name].tolist()), flush=True)
             if args.save_dir:
                 for name, method in (("GITS", "gits"), ("AYS (GITS init)", "ays")):

@@ -21,6 +21,7 @@ from fastsample.samplers import Sampler
 from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
 from fastsample.schedule_search.ays import ays_search
 from fastsample.schedule_search.gits import gits_search, step_costs
+from fastsample.schedule_search.quality import QualityObjective, quality_search
 from fastsample.schedule_search.trajectories import (
     Trajectories,
     candidate_sigmas,
@@ -35,8 +36,8 @@ from fastsample.utils.seeding import SeedNoise, parse_seeds
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gits", "ays")
-AYS_INITS = ("karras", "loglinear", "vp", "gits")
+METHODS = ("gits", "ays", "quality")
+INITS = ("karras", "loglinear", "vp", "gits")
 
 
 def model_description(cfg: DictConfig, model: Any) -> dict[str, Any]:
@@ -72,6 +73,107 @@ def requested_nfes(value: Any, base: Sampler) -> list[int]:
     return [int(v) for v in values]
 
 
+def start_grid(
+    kind: str,
+    sampler: Sampler,
+    model: Any,
+    search_set: Trajectories | None,
+    cost: Any,
+    bounds: tuple[float, float],
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The grid a gradient method starts from: the GITS DP path (no refinement) or a hand-designed one."""
+    if kind == "gits":
+        return gits_search(sampler, model, search_set, cost=cost, refine_sweeps=0, progress=False)
+    spec = ScheduleSpec(kind=kind, rho=sampler.schedule.rho, sigma_min=bounds[0], sigma_max=bounds[1])
+    return make_sigmas(spec, sampler.steps, model), {}
+
+
+def rms_metrics(
+    sampler: Sampler,
+    model: Any,
+    guidance: Any,
+    batch_size: int,
+    baseline: torch.Tensor,
+    sigmas: torch.Tensor,
+    search_set: Trajectories,
+    holdout: Trajectories | None,
+) -> dict[str, Any]:
+    """RMS to the teacher of the configured (baseline) and the found grid, on search and held-out sets."""
+    sets = {"search": search_set, **({"holdout": holdout} if holdout is not None else {})}
+    return {
+        name: {
+            "trajectories": len(trajectories),
+            "baseline_rms": final_rms(
+                sampler, model, baseline, trajectories, guidance=guidance, batch_size=batch_size
+            ),
+            "rms": final_rms(sampler, model, sigmas, trajectories, guidance=guidance, batch_size=batch_size),
+        }
+        for name, trajectories in sets.items()
+    }
+
+
+def quality_objective(
+    cfg: DictConfig,
+    sampler: Sampler,
+    model: Any,
+    shape: tuple[int, ...],
+    guidance: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> QualityObjective:
+    """KID / FID of ``sampler`` in ``schedule_search.quality.features`` against ``cfg.dataset``.
+
+    The real features and statistics come from the reference cache of evaluate.py (built once).
+    """
+    from fastsample.evaluation import Evaluator, prepare_reference
+
+    settings = cfg.schedule_search.quality
+    check_range("schedule_search.quality.real_features", settings.real_features, low=2)
+    extractor = instantiate(settings.features).to(device)
+    evaluator = Evaluator(extractor, keep_features=10_000, batch_size=cfg.schedule_search.batch_size)
+    source = OmegaConf.create(
+        {
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "split": settings.split,
+            "ref": None,
+            "paths": {"cache_dir": cfg.paths.cache_dir},
+        }
+    )
+    reference = prepare_reference(source, evaluator)
+    if reference.features is None or len(reference.features) < 2:
+        fail("schedule_search.quality needs reference statistics with raw features; delete the cached file")
+    real = torch.as_tensor(reference.features[: settings.real_features], dtype=torch.float64)
+    num_classes = getattr(model, "num_classes", None)
+    return QualityObjective(
+        sampler=sampler,
+        model=model,
+        features=extractor,
+        real_features=real,
+        reference_mu=reference.mu,
+        reference_sigma=reference.sigma,
+        shape=tuple(shape),
+        labels=lambda seeds: labels_for(seeds, cfg.get("class_labels"), num_classes),
+        guidance=guidance,
+        batch_size=cfg.schedule_search.batch_size,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def quality_metrics(
+    objective: QualityObjective, seeds_text: Any, baseline: torch.Tensor, sigmas: torch.Tensor, report: dict
+) -> dict[str, Any]:
+    """Validation FID of the configured (baseline) grid and of the found one (the seeds that picked it)."""
+    seeds = parse_seeds(seeds_text)
+    return {
+        "validation": {
+            "seeds": str(seeds_text),
+            "baseline_fid": objective.fid(baseline, seeds),
+            "fid": report["best_validation_fid"],
+        }
+    }
+
+
 def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
     """Search schedules for ``cfg.sampler`` on ``cfg.model``, one per requested NFE.
 
@@ -83,8 +185,9 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
     check_choice("schedule_search.method", method, METHODS)
     check_choice("precision", cfg.get("precision", "float32"), ("float32", "float64"))
     check_range("schedule_search.batch_size", settings.batch_size, low=1)
-    if method == "ays":
-        check_choice("schedule_search.ays.init", settings.ays.init, AYS_INITS)
+    init_kind = settings[method].init if method in ("ays", "quality") else None
+    if init_kind is not None:
+        check_choice(f"schedule_search.{method}.init", init_kind, INITS)
     base: Sampler = instantiate(cfg.sampler)
     if base.spec.stochastic:
         from fastsample.samplers import SAMPLERS
@@ -115,15 +218,17 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
     levels = candidate_sigmas(sigma_min, sigma_max, settings.candidates)
     progress = bool(settings.get("progress", True))
     log.info(
-        "%s search for %s at NFE %s (steps %s): %d trajectories, %d candidates in [%g, %g]",
+        "%s search for %s at NFE %s (steps %s) in sigma [%g, %g]: %s",
         method.upper(),
         base.name,
         nfes,
         step_counts,
-        len(seeds),
-        len(levels),
         sigma_min,
         sigma_max,
+        f"{len(seeds)} teacher trajectories, {len(levels)} candidates"
+        if method != "quality"
+        else f"KID in {settings.quality.features.get('_target_')}, "
+        f"validation seeds {settings.quality.validation_seeds}",
     )
 
     def teacher(run_seeds: list[int], record: bool) -> Trajectories:
@@ -144,10 +249,14 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
         )
 
     tick = time.perf_counter()
-    needs_costs = method == "gits" or settings.ays.init == "gits"
-    search_set = teacher(seeds, record=needs_costs)
-    holdout = teacher(holdout_seeds, record=False) if holdout_seeds else None
+    needs_costs = method == "gits" or init_kind == "gits"
+    # The quality method measures FID, not the distance to the ODE: teachers only for a GITS start.
+    search_set = teacher(seeds, record=needs_costs) if method != "quality" or needs_costs else None
+    holdout = teacher(holdout_seeds, record=False) if holdout_seeds and method != "quality" else None
     shared: dict[str, Any] = {"teacher_wall_s": round(time.perf_counter() - tick, 1)}
+    objective = (
+        quality_objective(cfg, base, model, shape, guidance, dtype, device) if method == "quality" else None
+    )
     cost = None
     if needs_costs:  # the one-step costs do not depend on the step count: shared by all NFEs
         tick = time.perf_counter()
@@ -180,55 +289,56 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
             )
             method_settings = OmegaConf.to_container(settings.gits)
         else:
-            if settings.ays.init == "gits":  # the GITS DP path (no refinement), polished by gradient
-                init, init_report = gits_search(
-                    sampler, model, search_set, cost=cost, refine_sweeps=0, progress=progress
+            init, init_report = start_grid(
+                init_kind, sampler, model, search_set, cost, (sigma_min, sigma_max)
+            )
+            if method == "ays":
+                sigmas, report = ays_search(
+                    sampler,
+                    model,
+                    search_set.subset(settings.ays.trajectories),
+                    init,
+                    sigma_floor=sigma_min,
+                    guidance=guidance,
+                    iterations=settings.ays.iterations,
+                    lr=settings.ays.lr,
+                    batch_size=settings.batch_size,
+                    progress=progress,
                 )
             else:
-                init_spec = ScheduleSpec(
-                    kind=settings.ays.init, rho=base.schedule.rho, sigma_min=sigma_min, sigma_max=sigma_max
+                objective.sampler = sampler
+                sigmas, report = quality_search(
+                    objective,
+                    init,
+                    sigma_floor=sigma_min,
+                    validation_seeds=parse_seeds(settings.quality.validation_seeds),
+                    seed_offset=settings.quality.seed_offset,
+                    samples=settings.quality.samples,
+                    iterations=settings.quality.iterations,
+                    lr=settings.quality.lr,
+                    validate_every=settings.quality.validate_every,
+                    progress=progress,
                 )
-                init, init_report = make_sigmas(init_spec, steps, model), {}
-            sigmas, report = ays_search(
-                sampler,
-                model,
-                search_set.subset(settings.ays.trajectories),
-                init,
-                sigma_floor=sigma_min,
-                guidance=guidance,
-                iterations=settings.ays.iterations,
-                lr=settings.ays.lr,
-                batch_size=settings.batch_size,
-                progress=progress,
-            )
             report.update(init_report)
-            method_settings = OmegaConf.to_container(settings.ays)
+            method_settings = OmegaConf.to_container(settings[method], resolve=True)
 
         baseline = sampler.sigmas(model)
-        rms = lambda grid, trajectories, sampler=sampler: final_rms(  # noqa: E731
-            sampler, model, grid, trajectories, guidance=guidance, batch_size=settings.batch_size
-        )
-        metrics: dict[str, Any] = {
-            "search": {
-                "trajectories": len(seeds),
-                "baseline_rms": rms(baseline, search_set),
-                "rms": rms(sigmas, search_set),
-            }
-        }
-        if holdout is not None:
-            metrics["holdout"] = {
-                "trajectories": len(holdout_seeds),
-                "baseline_rms": rms(baseline, holdout),
-                "rms": rms(sigmas, holdout),
-            }
+        if method == "quality":
+            metrics = quality_metrics(objective, settings.quality.validation_seeds, baseline, sigmas, report)
+        else:
+            metrics = rms_metrics(
+                sampler, model, guidance, settings.batch_size, baseline, sigmas, search_set, holdout
+            )
+        score = "fid" if method == "quality" else "rms"
         for name, values in metrics.items():
             log.info(
-                "NFE %d, %s RMS to the teacher: %s schedule %.4g, optimized %.4g",
+                "NFE %d, %s %s: %s schedule %.4g, optimized %.4g",
                 nfe,
                 name,
+                "FID" if method == "quality" else "RMS to the teacher",
                 base.schedule.kind,
-                values["baseline_rms"],
-                values["rms"],
+                values[f"baseline_{score}"],
+                values[score],
             )
         summary = {
             "sampler": sampler.name,
@@ -238,11 +348,11 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
             "model": model_description(cfg, model),
             "class_labels": cfg.get("class_labels"),
             "precision": cfg.get("precision", "float32"),
-            "trajectories": len(seeds),
+            "trajectories": len(seeds) if search_set is not None else 0,
             "seeds": str(settings.seeds),
-            "holdout_seeds": str(settings.holdout_seeds) if holdout_seeds else None,
+            "holdout_seeds": str(settings.holdout_seeds) if holdout is not None else None,
             "teacher": {
-                **search_set.teacher,
+                **(search_set.teacher if search_set is not None else {}),
                 "candidates": len(levels),
                 "sigma_min": sigma_min,
                 "sigma_max": sigma_max,
