@@ -14,6 +14,8 @@ features; for a mixture, exact samples give the FID floor of the sample size (ro
     python bench/fid_vs_nfe.py --samplers dpmpp_2m,dpmpp_2m@loglinear,dpmpp_2m@file:DIR/s-nfe{steps}.yaml
                                 # schedules: sampler@<schedule kind> or sampler@file:<path with {steps}>
 
+    python bench/fid_vs_nfe.py --merge runA/fid_vs_nfe.csv runB/fid_vs_nfe.csv --out merged  # no sampling
+
 Writes ``fid_vs_nfe.csv`` and ``fid_vs_nfe.png`` to ``--out`` and prints a markdown table.
 """
 
@@ -26,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import BenchSettings, fid_vs_nfe  # noqa: E402
+from fastsample.benchmark import BenchSettings, fid_vs_nfe, merge_runs  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 DEFAULTS = BenchSettings()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str]]:
+def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str], argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -57,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str]]
     parser.add_argument("--device", default=DEFAULTS.device)
     parser.add_argument("--out", default=DEFAULTS.out, help="output folder")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-samples row of a mixture")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="no sampling: earlier runs' fid_vs_nfe.csv rows (same seeds) as one table + plot in --out",
+    )
+    parser.add_argument("--title", default=None, help="plot title of --merge")
     args, overrides = parser.parse_known_args(argv)
     settings = BenchSettings(
         samplers=tuple(name for name in args.samplers.split(",") if name),
@@ -71,11 +81,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str]]
         out=args.out,
         exact=not args.no_exact,
     )
-    return settings, overrides
+    return settings, overrides, args
 
 
 def main() -> None:
-    settings, overrides = parse_args()
+    settings, overrides, args = parse_args()
+    if args.merge:
+        title = args.title or f"{settings.model} (merged runs)"
+        run_cli(lambda: merge_runs(args.merge, Path(settings.out), title))
+        return
     unknown = [item for item in overrides if item.startswith("--")]
     if unknown:
         sys.exit(f"error: unknown option(s) {' '.join(unknown)}; Hydra overrides are written key=value")

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import compose, exact_row, fmt, plot  # noqa: E402
+from fastsample.benchmark import compose, exact_row, fmt, plot, read_csv  # noqa: E402
 from fastsample.utils.errors import fail, run_cli  # noqa: E402
 
 COLUMNS = ["sampler", "family", "setting", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"]
@@ -259,12 +259,7 @@ def merge(args: argparse.Namespace) -> list[dict]:
         path = Path(folder) / "restart_fid_vs_nfe.csv"
         if not path.is_file():
             fail(f"--merge: {path} does not exist (run the bench with --out {folder} first)")
-        for row in csv.DictReader(path.open()):
-            for key in ("steps", "nfe"):
-                row[key] = int(row[key]) if row[key] else None
-            for key in ("fid", "kid", "sampling_s", "ms_per_image"):
-                row[key] = float(row[key]) if row[key] else None
-            rows.append(row)
+        rows += read_csv(path)
     return report(Path(args.out), rows, f"{args.model}, {args.samples} samples (merged runs)")
 
 

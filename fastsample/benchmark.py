@@ -22,6 +22,7 @@ import torch
 from fastsample.evaluation import build_evaluator, prepare_reference
 from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
 from fastsample.tracking import log_summary
+from fastsample.utils.errors import fail
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import write_bytes_atomic
 
@@ -200,6 +201,32 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow({key: "" if row[key] is None else row[key] for key in COLUMNS})
     write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a benchmark CSV (this module's or a sibling bench's), numbers parsed, empty cells None."""
+    integers, floats = ("steps", "nfe"), ("fid", "kid", "class_accuracy", "sampling_s", "ms_per_image")
+    with Path(path).open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in integers + floats:
+            if key in row:
+                row[key] = (int if key in integers else float)(row[key]) if row[key] else None
+    return rows
+
+
+def merge_runs(paths: list[str], out: Path, title: str) -> list[dict]:
+    """The rows of several runs' ``fid_vs_nfe.csv`` (the same seeds and features) as one table and plot."""
+    rows: list[dict] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            fail(f"--merge: {path} does not exist (a fid_vs_nfe.csv of an earlier run)")
+        rows += read_csv(path)
+    write_csv(out / "fid_vs_nfe.csv", rows)
+    write_bytes_atomic(out / "fid_vs_nfe.md", f"{title}\n\n{markdown_table(rows)}\n".encode())
+    plot(out / "fid_vs_nfe.png", rows, title)
+    print(f"{markdown_table(rows)}\n\nCSV: {out / 'fid_vs_nfe.csv'}\nplot: {out / 'fid_vs_nfe.png'}")
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -547,6 +547,15 @@ def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bu
     assert by_key[("exact", 0)]["class_accuracy"] is None
     for name in ("fid_vs_nfe.csv", "fid_vs_nfe.md", "fid_vs_nfe.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+    # --merge: rows of several runs' CSVs read back exactly, as one table and plot, without sampling
+    from fastsample.benchmark import merge_runs, read_csv
+
+    assert read_csv(tmp_path / "bench" / "fid_vs_nfe.csv") == rows
+    csv_path = str(tmp_path / "bench" / "fid_vs_nfe.csv")
+    merged = merge_runs([csv_path, csv_path], tmp_path / "merged", "two runs")
+    assert merged == rows + rows and (tmp_path / "merged" / "fid_vs_nfe.png").stat().st_size > 0
+    with pytest.raises(UserError, match="--merge: .*missing.csv does not exist"):
+        merge_runs([str(tmp_path / "missing.csv")], tmp_path / "merged", "none")
 
 
 def test_benchmark_sampler_specs_carry_schedules():

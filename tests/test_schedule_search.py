@@ -219,6 +219,26 @@ def test_schedule_file_is_found_among_the_shipped_schedules(tmp_path, monkeypatc
     )
 
 
+SHIPPED = sorted((ROOT / "fastsample" / "assets" / "schedules").glob("schedule-*.yaml"))
+
+
+def test_the_shipped_schedules_cover_two_solvers_at_every_published_nfe():
+    found = {(load_schedule_file(p)["sampler"], load_schedule_file(p)["nfe"]) for p in SHIPPED}
+    assert {(solver, nfe) for solver in ("dpmpp_2m", "unipc") for nfe in (4, 5, 6, 8, 10)} <= found
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_schedule_loads_by_name_for_its_solver_and_nfe(path):
+    """Each file: its sampler at steps_for_nfe(nfe) takes it by bare name; the provenance is complete."""
+    content = load_schedule_file(path)
+    steps = steps_for_nfe(Sampler(content["sampler"], 1, **content["knobs"]), content["nfe"])
+    sigmas = make_sigmas(ScheduleSpec(kind="file", path=path.name), steps)
+    assert sigmas.tolist() == content["sigmas"] and content["model"]["name"] == "fmnist_diffusion.pt"
+    held = content["metrics"].get("holdout") or content["metrics"]["validation"]
+    score = "fid" if content["method"] == "quality" else "rms"
+    assert held[score] < held[f"baseline_{score}"]
+
+
 # -- the entry point ------------------------------------------------------------------------------
 def search_config(tmp_path: Path, *overrides: str):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
