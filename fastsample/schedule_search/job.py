@@ -8,6 +8,7 @@ and writes the schedule file (sigmas + provenance) atomically into the run direc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -161,7 +162,7 @@ def quality_objective(
 
 
 def quality_metrics(
-    objective: QualityObjective, seeds_text: Any, baseline: torch.Tensor, sigmas: torch.Tensor, report: dict
+    objective: QualityObjective, seeds_text: Any, baseline: torch.Tensor, report: dict
 ) -> dict[str, Any]:
     """Validation FID of the configured (baseline) grid and of the found one (the seeds that picked it)."""
     seeds = parse_seeds(seeds_text)
@@ -306,7 +307,7 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
                     progress=progress,
                 )
             else:
-                objective.sampler = sampler
+                objective = dataclasses.replace(objective, sampler=sampler)
                 sigmas, report = quality_search(
                     objective,
                     init,
@@ -324,7 +325,7 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
 
         baseline = sampler.sigmas(model)
         if method == "quality":
-            metrics = quality_metrics(objective, settings.quality.validation_seeds, baseline, sigmas, report)
+            metrics = quality_metrics(objective, settings.quality.validation_seeds, baseline, report)
         else:
             metrics = rms_metrics(
                 sampler, model, guidance, settings.batch_size, baseline, sigmas, search_set, holdout
