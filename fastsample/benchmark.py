@@ -141,9 +141,7 @@ def fid_vs_nfe(args: BenchSettings, overrides: list[str] = ()) -> list[dict]:
                 flush=True,
             )
     title = f"{args.model}, {len(seeds)} samples, {evaluator.extractor.name}"
-    write_csv(out / "fid_vs_nfe.csv", rows)
-    write_bytes_atomic(out / "fid_vs_nfe.md", f"{title}\n\n{markdown_table(rows)}\n".encode())
-    plot(out / "fid_vs_nfe.png", rows, title)
+    write_report(out, rows, title)
     log_summary(  # logger=wandb|tensorboard: the table and the plot as a run of their own
         cfg.get("logger"),
         rows,
@@ -203,6 +201,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, buffer.getvalue().encode())
 
 
+def write_report(out: Path, rows: list[dict], title: str) -> None:
+    """``fid_vs_nfe.csv``, ``.md`` (title + table) and ``.png`` of ``rows`` in ``out``."""
+    write_csv(out / "fid_vs_nfe.csv", rows)
+    write_bytes_atomic(out / "fid_vs_nfe.md", f"{title}\n\n{markdown_table(rows)}\n".encode())
+    plot(out / "fid_vs_nfe.png", rows, title)
+
+
 def read_csv(path: Path) -> list[dict]:
     """Rows of a benchmark CSV (this module's or a sibling bench's), numbers parsed, empty cells None."""
     integers, floats = ("steps", "nfe"), ("fid", "kid", "class_accuracy", "sampling_s", "ms_per_image")
@@ -222,9 +227,7 @@ def merge_runs(paths: list[str], out: Path, title: str) -> list[dict]:
         if not path.is_file():
             fail(f"--merge: {path} does not exist (a fid_vs_nfe.csv of an earlier run)")
         rows += read_csv(path)
-    write_csv(out / "fid_vs_nfe.csv", rows)
-    write_bytes_atomic(out / "fid_vs_nfe.md", f"{title}\n\n{markdown_table(rows)}\n".encode())
-    plot(out / "fid_vs_nfe.png", rows, title)
+    write_report(out, rows, title)
     print(f"{markdown_table(rows)}\n\nCSV: {out / 'fid_vs_nfe.csv'}\nplot: {out / 'fid_vs_nfe.png'}")
     return rows
 

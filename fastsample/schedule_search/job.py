@@ -162,10 +162,9 @@ def quality_objective(
 
 
 def quality_metrics(
-    objective: QualityObjective, seeds_text: Any, baseline: torch.Tensor, report: dict
+    objective: QualityObjective, seeds_text: Any, seeds: list[int], baseline: torch.Tensor, report: dict
 ) -> dict[str, Any]:
     """Validation FID of the configured (baseline) grid and of the found one (the seeds that picked it)."""
-    seeds = parse_seeds(seeds_text)
     return {
         "validation": {
             "seeds": str(seeds_text),
@@ -258,6 +257,7 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
     objective = (
         quality_objective(cfg, base, model, shape, guidance, dtype, device) if method == "quality" else None
     )
+    validation_seeds = parse_seeds(settings.quality.validation_seeds) if method == "quality" else []
     cost = None
     if needs_costs:  # the one-step costs do not depend on the step count: shared by all NFEs
         tick = time.perf_counter()
@@ -312,7 +312,7 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
                     objective,
                     init,
                     sigma_floor=sigma_min,
-                    validation_seeds=parse_seeds(settings.quality.validation_seeds),
+                    validation_seeds=validation_seeds,
                     seed_offset=settings.quality.seed_offset,
                     samples=settings.quality.samples,
                     iterations=settings.quality.iterations,
@@ -325,7 +325,9 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
 
         baseline = sampler.sigmas(model)
         if method == "quality":
-            metrics = quality_metrics(objective, settings.quality.validation_seeds, baseline, report)
+            metrics = quality_metrics(
+                objective, settings.quality.validation_seeds, validation_seeds, baseline, report
+            )
         else:
             metrics = rms_metrics(
                 sampler, model, guidance, settings.batch_size, baseline, sigmas, search_set, holdout

@@ -72,17 +72,22 @@ class QualityObjective:
         with torch.set_grad_enabled(grad):
             return image_features(self.features, self._samples(sigmas, seeds, grad)).double()
 
+    def _chunks(self, seeds: list[int]) -> list[list[int]]:
+        return [seeds[i : i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
+
+    def _detached_features(self, sigmas: Tensor, seeds: list[int]) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([self._features(sigmas.detach(), c, grad=False) for c in self._chunks(seeds)])
+
     def kid_backward(self, sigmas: Tensor, seeds: list[int]) -> float:
         """KID of the samples of ``seeds`` to the real features; back-propagates it into ``sigmas``."""
-        chunks = [seeds[i : i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
+        chunks = self._chunks(seeds)
         real = self.real_features.to(self.device)
         if len(chunks) == 1:
             loss = mmd2_unbiased(self._features(sigmas, seeds, grad=True), real)
             loss.backward()
             return float(loss.detach())
-        with torch.no_grad():
-            fake = torch.cat([self._features(sigmas.detach(), chunk, grad=False) for chunk in chunks])
-        fake.requires_grad_(True)
+        fake = self._detached_features(sigmas, seeds).requires_grad_(True)
         loss = mmd2_unbiased(fake, real)
         (outer,) = torch.autograd.grad(loss, fake)
         start = 0
@@ -94,10 +99,7 @@ class QualityObjective:
 
     def fid(self, sigmas: Tensor, seeds: list[int]) -> float:
         """FID of the samples of ``seeds`` against the reference statistics (no gradient)."""
-        chunks = [seeds[i : i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
-        with torch.no_grad():
-            rows = torch.cat([self._features(sigmas.detach(), chunk, grad=False) for chunk in chunks])
-        rows = rows.cpu().numpy()
+        rows = self._detached_features(sigmas, seeds).cpu().numpy()
         return frechet_distance(
             rows.mean(0), np.cov(rows, rowvar=False), self.reference_mu, self.reference_sigma
         )
