@@ -29,7 +29,7 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (needs root), if mis
 		|| echo "warning: Fashion-MNIST missing; run 'apt-get install dataset-fashion-mnist' as root"; }
 
 demo: install data  ## the embedded default: sample with several samplers, write grids and a table
-	$(PY) -m fastsample.demo
+	$(PY) -m fastsample.jobs.demo
 
 test: install data  ## fast test suite (not slow)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)

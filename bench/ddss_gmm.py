@@ -25,8 +25,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 
-from fastsample.lit.ddss import ddss_loss, image_features, random_conv_features
 from fastsample.metrics import kid
+from fastsample.metrics.feature_loss import ddss_loss, image_features, random_conv_features
 from fastsample.models.gmm import GaussianMixture
 from fastsample.samplers import Sampler
 from fastsample.samplers.ggdm import GGDMSampler

@@ -4,7 +4,7 @@ Two measurements (docs/diffusers.md has a run):
 
 1. FID vs NFE: every sampler at each step count on the same seeds (class labels cycling), scored on
    the fly with the shipped classifier's features against the Fashion-MNIST test split, through
-   fastsample/benchmark.py's engine (the rows are what ``evaluate.py mode=generate`` reports).
+   fastsample/jobs/benchmark.py's engine (the rows are what ``evaluate.py mode=generate`` reports).
    diffusers' schedulers run with ``sampler=diffusers`` on the same denoiser: diffusers' default
    linear table (T = 1000) and their default settings, starting at ``noise * init_noise_sigma``.
 2. Sampler overhead: CPU time per step of each sampler with a denoiser that costs nothing
@@ -32,15 +32,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import compose, markdown_table, plot, sampler_row, write_csv  # noqa: E402
 from fastsample.diffusion import FunctionDenoiser  # noqa: E402
-from fastsample.evaluation import build_evaluator, prepare_reference  # noqa: E402
+from fastsample.jobs.benchmark import compose, markdown_table, plot, sampler_row, write_csv  # noqa: E402
+from fastsample.jobs.evaluation import build_evaluator, prepare_reference  # noqa: E402
+from fastsample.jobs.setup import build_model, data_shape  # noqa: E402
 from fastsample.samplers.diffusers_scheduler import DiffusersSampler  # noqa: E402
-from fastsample.sampling import build_model, data_shape, labels_for, resolve_device  # noqa: E402
+from fastsample.utils.device import resolve_device  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 from fastsample.utils.instantiation import instantiate  # noqa: E402
 from fastsample.utils.io import write_bytes_atomic  # noqa: E402
-from fastsample.utils.seeding import SeedNoise  # noqa: E402
+from fastsample.utils.seeding import SeedNoise, labels_for  # noqa: E402
 
 #: (row label, sampler overrides): fastsample's samplers with their shipped configs, then diffusers'
 SAMPLERS = {
@@ -63,7 +64,7 @@ SAMPLERS = {
 def base_overrides(args: argparse.Namespace) -> list[str]:
     return [
         "model=unet_fmnist",
-        "metrics=classifier",
+        "features=classifier",
         "split=test",
         f"device={args.device}",
         f"batch_size={args.batch_size}",

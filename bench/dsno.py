@@ -10,7 +10,7 @@ Steps:
      ``experiment=dsno_kd_fmnist`` (reuses them), each skipped when ``<out>/<experiment>/model.pt`` exists
      (``--retrain`` forces); training wall time and the data's generation cost are recorded.
   2. Scoring on seeds 0..N-1 (the trajectories use seeds from 1e8 on: no operator is scored on its
-     training noise), every row through ``fastsample.benchmark``'s engine (conf/evaluate.yaml, domain-
+     training noise), every row through ``fastsample.jobs.benchmark``'s engine (conf/evaluate.yaml, domain-
      classifier features, cached test-split reference): the teacher with its trajectory sampler, DDIM at
      each ``--ddim`` step count, DSNO and KD (``sampler=dsno``).
   3. ``dsno.{csv,md}`` and a summary with the ratios.
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import compose, fmt  # noqa: E402
+from fastsample.jobs.benchmark import compose, fmt  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 COLUMNS = [
@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--teacher-path", default=None, help="a teacher bundle / .ckpt (model=from_checkpoint)"
     )
-    parser.add_argument("--net", default=None, help="conf/model/net config of the teacher's architecture")
-    parser.add_argument("--metrics", default="classifier", help="conf/metrics config (feature extractor)")
+    parser.add_argument("--net", default=None, help="conf/net config of the teacher's architecture")
+    parser.add_argument("--metrics", default="classifier", help="conf/features config (feature extractor)")
     parser.add_argument("--split", default="test", help="reference split")
     parser.add_argument("--batch-size", type=int, default=250, help="evaluation batch")
     parser.add_argument("--device", default="auto")
@@ -138,7 +138,7 @@ def train_overrides(args: argparse.Namespace, name: str, overrides: list[str]) -
     extra = [f"experiment={experiment}", f"paths.output_dir={Path(args.out) / experiment}"]
     extra += teacher_overrides(args, "dataset.teacher")
     if args.net:
-        extra.append(f"model/net@task.net={args.net}")
+        extra.append(f"net@task.net={args.net}")
     if args.device != "auto":
         extra += [
             f"dataset.device={args.device}",
@@ -153,7 +153,7 @@ def train_operator(args: argparse.Namespace, name: str, overrides: list[str]) ->
     An interrupted training resumes from ``<run>/checkpoints/last.ckpt`` (its wall time then counts the
     resumed part only); a finished one (``model.pt``) is reused unless ``--retrain``.
     """
-    from fastsample.training import train
+    from fastsample.jobs.training import train
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.io import write_json_atomic
 
@@ -164,7 +164,7 @@ def train_operator(args: argparse.Namespace, name: str, overrides: list[str]) ->
         print(f"{name}: reusing {model} (--retrain to train again)", flush=True)
         if record_path.is_file():
             return json.loads(record_path.read_text())
-        return run_record(name, model, cfg, seconds=None, metrics={})
+        return run_record(name, model, cfg, seconds=None, features={})
     if args.retrain:
         cfg.ckpt_path = None
     # the trajectories first (a no-op when cached), so that the training time is training alone
@@ -233,7 +233,7 @@ def ddim(steps: int, args: argparse.Namespace, model):
 def eval_base(args: argparse.Namespace, class_labels) -> list[str]:
     return [
         *teacher_overrides(args, "model"),
-        f"metrics={args.metrics}",
+        f"features={args.metrics}",
         f"split={args.split}",
         f"device={args.device}",
         f"batch_size={args.batch_size}",
@@ -247,9 +247,11 @@ def eval_base(args: argparse.Namespace, class_labels) -> list[str]:
 
 
 def score_rows(args: argparse.Namespace, runs: dict[str, dict], teacher, class_labels) -> list[dict]:
-    from fastsample.evaluation import build_evaluator, prepare_reference
-    from fastsample.sampling import build_model, data_shape, labels_for, resolve_device
+    from fastsample.jobs.evaluation import build_evaluator, prepare_reference
+    from fastsample.jobs.setup import build_model, data_shape
+    from fastsample.utils.device import resolve_device
     from fastsample.utils.instantiation import instantiate
+    from fastsample.utils.seeding import labels_for
 
     base = eval_base(args, class_labels)
     cfg = compose(base)

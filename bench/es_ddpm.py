@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import compose, exact_row, fmt, plot  # noqa: E402
+from fastsample.jobs.benchmark import compose, exact_row, fmt, plot  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 COLUMNS = ["curve", "family", "solver", "t_prime", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"]
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--model", default="unet_fmnist", help="conf/model config of the diffusion model")
     parser.add_argument(
-        "--prior", default="vae", help="conf/generator config of the prior (vae | gmm | npz | ...)"
+        "--prior", default="vae", help="conf/prior config of the prior (vae | gmm | npz | ...)"
     )
     parser.add_argument(
         "--prior-path", default=None, help="sampler.prior.path (a VAE bundle / .npz); default: shipped"
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--families", default=",".join(FAMILIES), help=f"rows to run, from {', '.join(FAMILIES)}"
     )
-    parser.add_argument("--metrics", default="classifier", help="conf/metrics config (feature extractor)")
+    parser.add_argument("--metrics", default="classifier", help="conf/features config (feature extractor)")
     parser.add_argument("--split", default="test", help="reference split (test: 10k images)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto")
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--grid-scale", type=int, default=3, help="control: pixel upscaling of the grid")
     # truncated training
     parser.add_argument("--train-dataset", default="digits", help="truncated-training: conf/dataset")
-    parser.add_argument("--train-net", default="unet_tiny", help="truncated-training: conf/model/net")
+    parser.add_argument("--train-net", default="unet_tiny", help="truncated-training: conf/net")
     parser.add_argument(
         "--train-steps", type=int, default=None, help="truncated-training: steps (default 600)"
     )
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def prior_overrides(args: argparse.Namespace, prior: str) -> list[str]:
-    overrides = ["sampler=es_ddpm", f"generator@sampler.prior={prior}"]
+    overrides = ["sampler=es_ddpm", f"prior@sampler.prior={prior}"]
     if prior == args.prior and args.prior_path:
         overrides.append(f"sampler.prior.path={args.prior_path}")
     return overrides
@@ -206,7 +206,7 @@ def score_prior(args, base, evaluator, seeds, shape, device) -> dict:
     """FID of the prior's own samples x0' (the images ES-DDPM diffuses), same seeds."""
     import torch
 
-    from fastsample.evaluation import _sync
+    from fastsample.metrics.evaluator import _sync
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.seeding import SeedNoise
 
@@ -240,16 +240,18 @@ def score_prior(args, base, evaluator, seeds, shape, device) -> dict:
 
 
 def es_ddpm_fid(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
-    from fastsample.evaluation import build_evaluator, prepare_reference
-    from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
+    from fastsample.jobs.evaluation import build_evaluator, prepare_reference
+    from fastsample.jobs.setup import build_guidance, build_model, data_shape
+    from fastsample.utils.device import resolve_device
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.io import write_bytes_atomic
+    from fastsample.utils.seeding import labels_for
 
     out = Path(args.out)
     seeds = list(range(args.samples))
     base = [
         f"model={args.model}",
-        f"metrics={args.metrics}",
+        f"features={args.metrics}",
         f"split={args.split}",
         f"device={args.device}",
         f"batch_size={args.batch_size}",
@@ -438,8 +440,9 @@ def control_grid(args: argparse.Namespace, overrides: list[str]) -> Path:
     """Latent interpolation and pixel pastes, then diffusion to T' and denoising: one PNG."""
     import torch
 
-    from fastsample.generators import LatentGenerator, interpolate_latents, paste
-    from fastsample.sampling import build_model, data_shape, resolve_device
+    from fastsample.jobs.setup import build_model, data_shape
+    from fastsample.samplers.priors import LatentGenerator, interpolate_latents, paste
+    from fastsample.utils.device import resolve_device
     from fastsample.utils.errors import fail
     from fastsample.utils.images import grid, save_png, to_uint8
     from fastsample.utils.instantiation import instantiate
@@ -509,7 +512,8 @@ def prior_pairs(args: argparse.Namespace, overrides: list[str]) -> Path:
     """Row 1: the prior's samples x0'; row 2: ES-DDPM from them (T' = --edit-t-prime), same seeds."""
     import torch
 
-    from fastsample.sampling import build_model, data_shape, resolve_device
+    from fastsample.jobs.setup import build_model, data_shape
+    from fastsample.utils.device import resolve_device
     from fastsample.utils.images import grid, save_png, to_uint8
     from fastsample.utils.instantiation import instantiate
     from fastsample.utils.seeding import SeedNoise
@@ -560,7 +564,7 @@ def truncated_training(args: argparse.Namespace, overrides: list[str]) -> list[d
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(
             "train",
-            overrides=[f"dataset={args.train_dataset}", f"model/net@task.net={args.train_net}", *overrides],
+            overrides=[f"dataset={args.train_dataset}", f"net@task.net={args.train_net}", *overrides],
         )
     datamodule = instantiate(cfg.dataset)
     train_set, test_set = datamodule.dataset("train"), datamodule.dataset("test")

@@ -1,6 +1,6 @@
 """FID vs NFE and vs wall time: one model, several samplers x step counts, the same seeds for all.
 
-The engine is fastsample/benchmark.py (also behind ``make demo``). Builds everything through
+The engine is fastsample/jobs/benchmark.py (also behind ``make demo``). Builds everything through
 conf/evaluate.yaml and the evaluate job's functions (model, extractor,
 reference statistics cached in paths.cache_dir, per-seed sampling), so a row is what
 ``python evaluate.py mode=generate sampler=<s> sampler.steps=<n> seeds=0-<N-1>`` reports. The
@@ -10,7 +10,7 @@ features; for a mixture, exact samples give the FID floor of the sample size (ro
     python bench/fid_vs_nfe.py                                   # GMM, 6 samplers x 3 step counts, 500
     python bench/fid_vs_nfe.py --samplers euler,heun --steps 4,8,16,32 --num-samples 2000
     python bench/fid_vs_nfe.py --model from_checkpoint model.path=outputs/train/.../model.pt
-    python bench/fid_vs_nfe.py metrics.path=/path/classifier.pt  # any evaluate.yaml override
+    python bench/fid_vs_nfe.py features.path=/path/classifier.pt  # any evaluate.yaml override
     python bench/fid_vs_nfe.py --samplers dpmpp_2m,dpmpp_2m@loglinear,dpmpp_2m@file:DIR/s-nfe{steps}.yaml
                                 # schedules: sampler@<schedule kind> or sampler@file:<path with {steps}>
 
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import BenchSettings, fid_vs_nfe, merge_runs  # noqa: E402
+from fastsample.jobs.benchmark import BenchSettings, fid_vs_nfe, merge_runs  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 DEFAULTS = BenchSettings()
@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, list[str],
     parser.add_argument(
         "--dataset", default=None, help="conf/dataset config of the reference (default: evaluate.yaml's)"
     )
-    parser.add_argument("--metrics", default=DEFAULTS.metrics, help="conf/metrics config (feature extractor)")
+    parser.add_argument(
+        "--metrics", default=DEFAULTS.metrics, help="conf/features config (feature extractor)"
+    )
     parser.add_argument("--split", default=DEFAULTS.split, help="reference split (test: 10k images, quick)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--device", default=DEFAULTS.device)

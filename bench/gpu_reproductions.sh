@@ -58,8 +58,8 @@ ddss_job() {  # DDSS trainings, then FID rows on held-out features (one multirun
   local steps=${DDSS_K// /,} paths=()
   for k in $DDSS_K; do paths+=("$OUT/ddss/k$k/ggdm.pt"); done
   local eval_args=(mode=generate model=unet_fmnist class_labels=cycle "seeds=$DDSS_SEEDS" split=test
-    device=$DEVICE batch_size=1000 progress=false metrics=module metrics.label=random_conv0
-    metrics.module._target_=fastsample.lit.ddss.RandomConvFeatures)
+    device=$DEVICE batch_size=1000 progress=false features=module features.label=random_conv0
+    features.module._target_=fastsample.metrics.feature_loss.RandomConvFeatures)
   $PY evaluate.py -m "${eval_args[@]}" "hydra.sweep.dir=$OUT/ddss/eval-ddim" sampler=ddim \
     "sampler.steps=$steps" sampler.schedule.kind=time_uniform,quadratic || return
   $PY evaluate.py -m "${eval_args[@]}" "hydra.sweep.dir=$OUT/ddss/eval-dpmpp_2m" sampler=dpmpp_2m \
@@ -74,7 +74,7 @@ if [ "${3:-}" = ddss ]; then  # the DDSS job, run by the line below under its ow
 fi
 
 # fail fast (seconds, not a whole time limit) when the environment is not ready
-$PY -c "import hydra, omegaconf, torch, fastsample.benchmark, fastsample.training
+$PY -c "import hydra, omegaconf, torch, fastsample.jobs.benchmark, fastsample.jobs.training
 assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'no CUDA device'" || exit 3
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "$DEVICE"; } | tee "$OUT/device.txt"
 # one process per curve / scale group: rows print as they finish, so a job cut by its time limit still

@@ -17,7 +17,7 @@ reach its FID and the wall-time saving against it (the paper: 32-58% less time o
 Guidance: ``--guidance classifier`` (a noise-conditioned classifier, ``--classifier`` = bundle path or
 asset name) or ``gmm_posterior`` (exact posterior; the default for ``gmm_*`` models). The diffusion
 model runs unconditionally; targets are ``seed mod classes``. Metrics: ``--metrics classifier``
-(conf/metrics/classifier.yaml: the shipped clean classifier, features + logits) or ``mixture``
+(conf/features/classifier.yaml: the shipped clean classifier, features + logits) or ``mixture``
 (analytic mixtures: principal-subspace features of the mixture and its exact posterior at
 sigma_min as the clean classifier); ``auto`` picks ``mixture`` for mixtures when the shipped
 classifier is not built. Writes ``guided_splitting.csv`` / ``.md`` to ``--out``.
@@ -39,12 +39,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.evaluation import DEFAULT_CLASSIFIER, Evaluator, build_evaluator, prepare_reference  # noqa: E402
 from fastsample.guidance import ClassifierGuidance, MixturePosteriorGuidance  # noqa: E402
+from fastsample.jobs.evaluation import build_evaluator, prepare_reference  # noqa: E402
+from fastsample.jobs.setup import build_model, data_shape  # noqa: E402
+from fastsample.lit.loading import DEFAULT_CLASSIFIER  # noqa: E402
 from fastsample.metrics import ModuleFeatures  # noqa: E402
+from fastsample.metrics.evaluator import Evaluator  # noqa: E402
 from fastsample.models.bundle import assets_dir  # noqa: E402
 from fastsample.samplers import Sampler  # noqa: E402
-from fastsample.sampling import build_model, data_shape, generate_batch, resolve_device  # noqa: E402
+from fastsample.samplers.generation import generate_batch  # noqa: E402
+from fastsample.utils.device import resolve_device  # noqa: E402
 from fastsample.utils.errors import check_choice, fail, run_cli  # noqa: E402
 from fastsample.utils.io import write_bytes_atomic  # noqa: E402
 
@@ -155,7 +159,7 @@ def is_mixture(model) -> bool:
 def build_metrics(args: argparse.Namespace, cfg, model, device) -> Evaluator:
     choice = args.metrics
     if choice == "auto":
-        shipped = (assets_dir() / DEFAULT_CLASSIFIER).is_file() or cfg.metrics.get("path")
+        shipped = (assets_dir() / DEFAULT_CLASSIFIER).is_file() or cfg.features.get("path")
         choice = "mixture" if is_mixture(model) and not shipped else "classifier"
     check_choice("--metrics", choice, ("classifier", "mixture"))
     if choice == "classifier":
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
         "progress=false",
     ]
     if args.metrics == "classifier":
-        base.append("metrics=classifier")
+        base.append("features=classifier")
     if args.dataset:
         base.append(f"dataset={args.dataset}")
     cfg = compose(base + overrides)
@@ -328,7 +332,7 @@ def saturated_fraction_of_data(cfg, batch_size: int) -> float:
     """Fraction of the reference data's pixels with |x| >= 1 (a background of -1 counts): the baseline."""
     from torch.utils.data import DataLoader
 
-    from fastsample.evaluation import reference_datamodule
+    from fastsample.jobs.evaluation import reference_datamodule
 
     total = count = 0.0
     for images, _ in DataLoader(

@@ -28,8 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastsample.jobs.setup import build_guidance, build_model, data_shape  # noqa: E402
 from fastsample.samplers import Sampler  # noqa: E402
-from fastsample.sampling import build_guidance, build_model, data_shape, resolve_device  # noqa: E402
+from fastsample.utils.device import resolve_device  # noqa: E402
 from fastsample.utils.errors import check_choice, run_cli  # noqa: E402
 from fastsample.utils.io import write_bytes_atomic  # noqa: E402
 from fastsample.utils.seeding import SeedNoise  # noqa: E402

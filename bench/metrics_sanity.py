@@ -20,8 +20,10 @@ import torchvision.transforms.functional as TF
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.evaluation import Evaluator, classifier_features, reference_datamodule  # noqa: E402
+from fastsample.jobs.evaluation import reference_datamodule  # noqa: E402
+from fastsample.lit.loading import classifier_features  # noqa: E402
 from fastsample.metrics import frechet_distance  # noqa: E402
+from fastsample.metrics.evaluator import Evaluator  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 NOISE_STDS = (0.05, 0.1, 0.2, 0.4)  # in the [-1, 1] pixel range

@@ -5,7 +5,7 @@ classifier), the images from the Fashion-MNIST test split (random pixels with ``
 speed does not depend on the content). Target: features + FID of 10k images in < 30 s on 2 CPU cores.
 
     python bench/metrics_speed.py [--num-images 10000] [--batch-size 500] [--device cpu]
-    python bench/metrics_speed.py metrics.path=/path/to/classifier.pt   # any evaluate.yaml override
+    python bench/metrics_speed.py features.path=/path/to/classifier.pt   # any evaluate.yaml override
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.evaluation import build_evaluator, reference_datamodule  # noqa: E402
+from fastsample.jobs.evaluation import build_evaluator, reference_datamodule  # noqa: E402
 from fastsample.metrics import frechet_distance, kid, precision_recall  # noqa: E402
-from fastsample.sampling import resolve_device  # noqa: E402
+from fastsample.utils.device import resolve_device  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 from fastsample.utils.images import to_uint8  # noqa: E402
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, float
         cfg = compose(
             "evaluate",
             overrides=[
-                f"metrics={args.metrics}",
+                f"features={args.metrics}",
                 f"batch_size={args.batch_size}",
                 f"device={args.device}",
                 *overrides,
@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--metrics", default="classifier", help="conf/metrics config")
+    parser.add_argument("--metrics", default="classifier", help="conf/features config")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--random-images", action="store_true", help="random pixels instead of the test split"

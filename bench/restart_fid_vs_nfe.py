@@ -8,7 +8,7 @@ Curves (Xu et al. 2023, Fig. 3 / Table 3, at this project's scale):
                         main steps, NFE = (2 steps - 1) + sum_i K_i 2 (N_restart_i - 1)
 
 Every row is what ``python evaluate.py mode=generate model=<m> sampler=<s> ... seeds=0-<N-1>``
-reports (fastsample.benchmark's engine: model, domain-classifier features, reference statistics
+reports (fastsample.jobs.benchmark's engine: model, domain-classifier features, reference statistics
 cached in paths.cache_dir, per-seed noise). The summary tests the paper's claims: the NFE at which
 Restart first reaches the best SDE FID (and the ratio to the SDE's NFE there), and whether Restart
 beats the ODE's best FID, and from which NFE.
@@ -16,7 +16,7 @@ beats the ODE's best FID, and from which NFE.
     python bench/restart_fid_vs_nfe.py                                        # shipped unet_fmnist
     python bench/restart_fid_vs_nfe.py --model gmm_fmnist --samples 64 --nfe 21,51 --restart-k 1,4
     python bench/restart_fid_vs_nfe.py --churn 5,10,20,40 --restart restart,restart_cifar10_vp
-    python bench/restart_fid_vs_nfe.py --samplers heun,restart device=cuda metrics.path=clf.pt
+    python bench/restart_fid_vs_nfe.py --samplers heun,restart device=cuda features.path=clf.pt
 
 Unknown ``key=value`` arguments are Hydra overrides of conf/evaluate.yaml. Writes
 ``restart_fid_vs_nfe.{csv,md,png}`` to ``--out`` and prints the markdown table and the summary.
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.benchmark import compose, exact_row, fmt, plot, read_csv  # noqa: E402
+from fastsample.jobs.benchmark import compose, exact_row, fmt, plot, read_csv  # noqa: E402
 from fastsample.utils.errors import fail, run_cli  # noqa: E402
 
 COLUMNS = ["sampler", "family", "setting", "steps", "nfe", "fid", "kid", "sampling_s", "ms_per_image"]
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--restart-k", default="1,2,3,5,10,20,40", help="restarts per interval (every interval gets K)"
     )
-    parser.add_argument("--metrics", default="classifier", help="conf/metrics config (feature extractor)")
+    parser.add_argument("--metrics", default="classifier", help="conf/features config (feature extractor)")
     parser.add_argument("--split", default="test", help="reference split (test: 10k images)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
@@ -145,12 +145,14 @@ def plan_runs(args: argparse.Namespace, base: list[str]) -> list[Run]:
         ]
     if "restart" in args.families:
         for config in [name for name in args.restart.split(",") if name]:
-            intervals = len(compose([*base, f"sampler={config}"]).sampler.restart_list or [])
+            # "restart" is conf/sampler/restart.yaml; the paper presets are conf/experiment/<name>.yaml
+            preset = ["sampler=restart"] + ([f"experiment={config}"] if config != "restart" else [])
+            intervals = len(compose([*base, *preset]).sampler.restart_list or [])
             if intervals == 0:
                 fail(f"--restart {config}: sampler.restart_list is empty; a restart curve needs an interval")
             for steps in ints(args.restart_steps):
                 for k in ints(args.restart_k):
-                    overrides = [f"sampler={config}", f"sampler.steps={steps}"]
+                    overrides = [*preset, f"sampler.steps={steps}"]
                     overrides += [f"sampler.restart_list.{i}.K={k}" for i in range(intervals)]
                     nfe = instantiate(compose([*base, *overrides]).sampler).nfe
                     if nfe <= args.nfe_max:
@@ -167,15 +169,17 @@ def plan_runs(args: argparse.Namespace, base: list[str]) -> list[Run]:
 
 
 def restart_fid_vs_nfe(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
-    from fastsample.evaluation import build_evaluator, prepare_reference
-    from fastsample.sampling import build_guidance, build_model, data_shape, labels_for, resolve_device
+    from fastsample.jobs.evaluation import build_evaluator, prepare_reference
+    from fastsample.jobs.setup import build_guidance, build_model, data_shape
+    from fastsample.utils.device import resolve_device
     from fastsample.utils.instantiation import instantiate
+    from fastsample.utils.seeding import labels_for
 
     out = Path(args.out)
     seeds = list(range(args.samples))
     base = [
         f"model={args.model}",
-        f"metrics={args.metrics}",
+        f"features={args.metrics}",
         f"split={args.split}",
         f"device={args.device}",
         f"batch_size={args.batch_size}",

@@ -1,7 +1,7 @@
 """Sampler overhead: wall time of a sampler / (NFE x one bare model call), per registered sampler.
 
 A sampler should cost its model calls and nothing more; the target is <= 1.05. The model is a
-small UNet (conf/model/net/unet_tiny.yaml at 28x28, EDM-wrapped) at batch 256 on the CPU. Bare
+small UNet (conf/net/unet_tiny.yaml at 28x28, EDM-wrapped) at batch 256 on the CPU. Bare
 calls and sampler runs are interleaved so machine noise hits both alike.
 
     python bench/sampler_overhead.py [--batch 256] [--steps 10] [--repeats 3] [--samplers a,b]
@@ -23,7 +23,7 @@ from fastsample.utils.seeding import SeedNoise
 
 
 def build_model(image_size: int) -> EDMDenoiser:
-    net_cfg = OmegaConf.load("conf/model/net/unet_tiny.yaml")
+    net_cfg = OmegaConf.load("conf/net/unet_tiny.yaml")
     net_cfg.image_size = image_size
     net = instantiate(net_cfg).eval()
     return EDMDenoiser(net, image_shape=(1, image_size, image_size)).requires_grad_(False)

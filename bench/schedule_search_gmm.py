@@ -19,8 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas, save_schedule_file
+from fastsample.jobs.setup import build_model
 from fastsample.samplers import Sampler
-from fastsample.sampling import build_model
 from fastsample.schedule_search import (
     Trajectories,
     ays_search,
@@ -237,7 +237,7 @@ def main() -> None:
                         seeds=args.seeds,
                         holdout_seeds=args.holdout,
                         teacher=search.teacher,
-                        metrics={"holdout": {"rms": errors[name], "karras_rms": errors["karras"]}},
+                        features={"holdout": {"rms": errors[name], "karras_rms": errors["karras"]}},
                         source="bench/schedule_search_gmm.py",
                     )
 

@@ -1,6 +1,6 @@
 """Training throughput: Lightning (DiffusionModule + Trainer) vs a plain PyTorch loop, on the CPU.
 
-Both loops train the same network (conf/model/net/unet_fmnist.yaml by default) with the same EDM loss,
+Both loops train the same network (conf/net/unet_fmnist.yaml by default) with the same EDM loss,
 Adam and EMA update (the plain loop calls the module's own ``loss`` and optimizer, so only the loop
 differs), on the same batches: Fashion-MNIST if it is installed, else sklearn's digits resized to 28.
 Each run times ``--steps`` optimizer steps after ``--warmup`` untimed ones (data loading included);
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--net", default=str(ROOT / "conf/model/net/unet_fmnist.yaml"), help="network config")
+    parser.add_argument("--net", default=str(ROOT / "conf/net/unet_fmnist.yaml"), help="network config")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")

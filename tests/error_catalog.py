@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import io
 import os
 import re
@@ -39,11 +38,11 @@ TINY_TRAIN = (
     "dataset.subset=64",
     "dataset.batch_size=32",
     "task=diffusion",
-    "model/net@task.net=unet_tiny",
+    "net@task.net=unet_tiny",
     "callbacks.sample_grid=null",
     "trainer=debug",
 )
-EVAL_SCORE = ("mode=score", "metrics=classifier", "device=cpu", "progress=false")
+EVAL_SCORE = ("mode=score", "features=classifier", "device=cpu", "progress=false")
 
 
 @dataclass(frozen=True)
@@ -87,11 +86,11 @@ def _tiny_module(task: str = "diffusion") -> torch.nn.Module:
     if task == "classifier":
         from fastsample.lit.classifier import ClassifierModule
 
-        return ClassifierModule(OmegaConf.load(ROOT / "conf/model/net/classifier_tiny.yaml"))
+        return ClassifierModule(OmegaConf.load(ROOT / "conf/net/classifier_tiny.yaml"))
     from fastsample.lit.diffusion import DiffusionModule
 
     torch.manual_seed(0)
-    return DiffusionModule(OmegaConf.load(ROOT / "conf/model/net/unet_tiny.yaml"))
+    return DiffusionModule(OmegaConf.load(ROOT / "conf/net/unet_tiny.yaml"))
 
 
 def make_bundles(tmp: Path) -> None:
@@ -111,7 +110,7 @@ def make_empty_folder(tmp: Path) -> None:
 
 def make_previous_run(tmp: Path) -> None:
     """A finished sample.py run (sampler.steps=3) in <tmp>/out."""
-    from fastsample.sampling import generate
+    from fastsample.jobs.sampling import generate
 
     with contextlib.redirect_stderr(io.StringIO()):
         generate(compose("sample", ("model=gmm_toy", "seeds=0-7", "sampler.steps=3"), tmp))
@@ -120,7 +119,7 @@ def make_previous_run(tmp: Path) -> None:
 def make_eval_files(tmp: Path) -> None:
     """For evaluate.py: a reference of the shipped classifier, one of Inception, a reference without
     mu / sigma, samples without images and samples of the wrong shape."""
-    from fastsample.evaluation import classifier_features
+    from fastsample.lit.loading import classifier_features
     from fastsample.metrics.reference import ReferenceStats
     from fastsample.utils.io import save_npz_atomic
 
@@ -465,15 +464,14 @@ def _entry_point(script: str) -> Callable:
     from fastsample.utils.errors import run_cli
 
     if script == "sample.py":
-        spec = importlib.util.spec_from_file_location("sample_entry", ROOT / "sample.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.run
+        from fastsample.jobs.cli import sample_main
+
+        return sample_main
     if script == "train.py":
-        from fastsample.training import train
+        from fastsample.jobs.training import train
 
         return lambda cfg: run_cli(lambda: train(cfg))
-    from fastsample.evaluation import evaluate
+    from fastsample.jobs.evaluation import evaluate
 
     return lambda cfg: run_cli(lambda: evaluate(cfg))
 

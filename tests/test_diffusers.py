@@ -20,11 +20,13 @@ from hydra import compose, initialize_config_dir
 from fastsample.diffusion import CountingDenoiser
 from fastsample.diffusion.callable_model import load_callable
 from fastsample.guidance.prompt import PromptGuidance
+from fastsample.jobs.sampling import generate
+from fastsample.jobs.setup import build_model
 from fastsample.models.diffusers_adapter import load_text_to_image, load_unet
 from fastsample.models.gmm import GaussianMixture
 from fastsample.samplers import Sampler
 from fastsample.samplers.diffusers_scheduler import DiffusersSampler
-from fastsample.sampling import build_model, generate, generate_batch
+from fastsample.samplers.generation import generate_batch
 from fastsample.utils.errors import UserError
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.seeding import SeedNoise

@@ -24,25 +24,27 @@ from fastsample.data.trajectories import (
 )
 from fastsample.diffusion import EDMDenoiser
 from fastsample.diffusion.denoiser import CountingDenoiser
+from fastsample.jobs.sampling import generate
+from fastsample.jobs.training import train
 from fastsample.lit.diffusion import DiffusionModule
-from fastsample.lit.dsno import DSNOModule, dsno_loss, point_weights
+from fastsample.lit.dsno import DSNOModule
 from fastsample.models.bundle import load_bundle
 from fastsample.models.dsno import (
     DSNOOperator,
     SpectralTimeConv,
     TemporalLayer,
+    dsno_loss,
     edm_labels,
     fingerprint,
     is_teacher,
     load_backbone_weights,
     load_operator,
     plain_name,
+    point_weights,
 )
 from fastsample.models.unet import UNet
 from fastsample.samplers import Sampler, insert_sigmas
 from fastsample.samplers.dsno import DSNOSampler
-from fastsample.sampling import generate
-from fastsample.training import train
 from fastsample.utils.errors import UserError
 from fastsample.utils.instantiation import find_user_error
 
@@ -348,7 +350,7 @@ def tiny_dsno_overrides(teacher: Path) -> list[str]:
         "task=dsno",
         "model@dataset.teacher=from_checkpoint",
         f"dataset.teacher.path={teacher}",
-        "model/net@task.net=unet_tiny",
+        "net@task.net=unet_tiny",
         "dataset.count=8",
         "dataset.val_count=4",
         "dataset.chunk_size=4",

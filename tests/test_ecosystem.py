@@ -28,14 +28,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from fastsample.accel import NetworkOptions, NetworkWrapper, apply_network_options
-from fastsample.evaluation import Evaluator
-from fastsample.lit.sampling import build_trainer, rank_block, score_sampler_distributed
+from fastsample.diffusion.accel import NetworkOptions, NetworkWrapper, apply_network_options
+from fastsample.jobs.distributed import score_sampler_distributed
+from fastsample.jobs.setup import Setup
+from fastsample.jobs.sweeps import CollectResults, collect_rows, write_results
+from fastsample.lit.sampling import build_trainer, rank_block
+from fastsample.lit.tracking import group_name, log_job, wandb_offline
 from fastsample.metrics import ModuleFeatures
+from fastsample.metrics.evaluator import Evaluator
 from fastsample.metrics.stats import FeatureStats, merge_states
 from fastsample.samplers import Sampler
-from fastsample.sweeps import CollectResults, collect_rows, write_results
-from fastsample.tracking import group_name, log_job, wandb_offline
 from fastsample.utils.errors import UserError
 from fastsample.utils.seeding import SeedNoise
 
@@ -207,7 +209,7 @@ def test_two_processes_sample_exactly_what_one_process_samples(tmp_path):
         f"hydra.run.dir={tmp_path / 'ddp'}",
         env=offline_env(tmp_path),
     )
-    from fastsample.sampling import generate
+    from fastsample.jobs.sampling import generate
 
     generate(compose_config("sample", *settings, f"output_dir={tmp_path / 'one'}"))
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
@@ -267,7 +269,8 @@ def test_two_rank_evaluation_reduces_to_the_single_process_scores(tmp_path, tiny
     trainer = OmegaConf.create({"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 2})
 
     def rank_job(rank: int) -> None:
-        scores = score_sampler_distributed(trainer, evaluator, model, sampler, seeds, 5, **settings)
+        setup = Setup(torch.device("cpu"), torch.float32, model, sampler, None, (1, 8, 8), seeds, 5, "cycle")
+        scores = score_sampler_distributed(trainer, evaluator, setup)
         assert (scores is None) == (rank != 0)
         if rank == 0:
             (tmp_path / "scores.json").write_text(json.dumps(scores))
@@ -294,14 +297,14 @@ def test_launches_that_cannot_run_a_sampling_job_are_refused():
 @pytest.mark.slow
 def test_two_process_evaluation_cli_scores_like_one_process(tmp_path):
     """evaluate.py mode=generate trainer=ddp_cpu: features of both ranks reduced into one set of scores."""
-    from fastsample.evaluation import evaluate
+    from fastsample.jobs.evaluation import evaluate
 
     settings = [
         "mode=generate",
         "model=gmm_digits",
         "dataset=digits",
-        "metrics=module",
-        "metrics.module._target_=torch.nn.Flatten",
+        "features=module",
+        "features.module._target_=torch.nn.Flatten",
         "seeds=0-99",
         "batch_size=25",
         "sampler.steps=4",
@@ -527,7 +530,7 @@ def test_channels_last_and_compile_are_wired_from_the_config(tiny_net_factory, t
     unchanged, _ = sample_with_states(tiny_net_factory(), steps=3)
     torch.testing.assert_close(final, unchanged, rtol=1e-5, atol=1e-5)
 
-    from fastsample.sampling import build_model, describe_run
+    from fastsample.jobs.setup import build_model, describe_run
 
     cfg = compose_config("sample", "model=gmm_toy", "network_precision=bfloat16", f"output_dir={tmp_path}")
     mixture = build_model(cfg, torch.device("cpu"))

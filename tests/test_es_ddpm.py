@@ -27,7 +27,16 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from fastsample.diffusion import CountingDenoiser, DiscreteSchedule, DiscreteVPDenoiser
-from fastsample.generators import (
+from fastsample.models.gmm import GaussianMixture
+from fastsample.samplers import Sampler
+from fastsample.samplers.es_ddpm import (
+    ESDDPMSampler,
+    diffuse,
+    sample_es_ddpm,
+    t_prime_sigma,
+    truncated_timesteps,
+)
+from fastsample.samplers.priors import (
     PRIOR_STREAM_OFFSET,
     GaussianGenerator,
     LatentGenerator,
@@ -40,17 +49,8 @@ from fastsample.generators import (
     mask_edit,
     paste,
 )
-from fastsample.models.gmm import GaussianMixture
-from fastsample.samplers import Sampler
-from fastsample.samplers.es_ddpm import (
-    ESDDPMSampler,
-    diffuse,
-    sample_es_ddpm,
-    t_prime_sigma,
-    truncated_timesteps,
-)
 from fastsample.samplers.sde import ancestral_split
-from fastsample.utils.errors import UserError
+from fastsample.utils.errors import NumericalError, UserError
 from fastsample.utils.images import to_uint8
 from fastsample.utils.instantiation import find_user_error, instantiate
 from fastsample.utils.seeding import SeedNoise
@@ -404,6 +404,50 @@ def test_bad_settings(toy_gmm, settings: dict, match: str) -> None:
         ESDDPMSampler(**{"steps": 10, "prior": GaussianGenerator(), **settings}).sigmas(toy_gmm)
 
 
+class Alternating:
+    """Finite but huge model outputs of alternating sign: the multistep extrapolation overflows."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.full_like(x, 3e38 * (-1) ** self.calls)
+
+
+def continuous_es(solver: str, steps: int) -> ESDDPMSampler:
+    """ES-DDPM from sigma 10 on a zero-std prior (the start state is ``10 * noise``)."""
+    return ESDDPMSampler(
+        steps=steps,
+        schedule="karras",
+        solver=solver,
+        t_prime=None,
+        sigma_start=10.0,
+        prior=GaussianGenerator(std=0.0),
+    )
+
+
+def test_non_finite_state_names_the_step() -> None:
+    """ES-DDPM runs its solver through the guarded BaseSampler.run, as the registry sampler does."""
+    sigmas = torch.tensor([10.0, 4.0, 1.0, 0.2, 0.0])
+    noise, generator = noise_for(range(4), (2,), torch.float32)
+    with pytest.raises(NumericalError, match=r"sampler state became non-finite at step 1 \(sigma 4 -> 1\)"):
+        continuous_es("dpmpp_2m", 4).sample(Alternating(), noise, generator=generator, sigmas=sigmas)
+    x = torch.zeros(4, 2)
+    with pytest.raises(NumericalError, match=r"non-finite at step 1 \(sigma 4 -> 1\)"):
+        continuous_es("dpmpp_2m", 4).run(Alternating(), x, sigmas)
+
+
+def test_model_returning_nan_names_the_sigma() -> None:
+    def broken(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.where(sigma[:, None] < 2.0, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    sigmas = torch.tensor([10.0, 4.0, 1.0, 0.2, 0.0])
+    noise, generator = noise_for(range(2), (2,))
+    with pytest.raises(NumericalError, match=r"non-finite values at call 3 \(sigma=1\)"):
+        continuous_es("euler", 4).sample(broken, noise, generator=generator, sigmas=sigmas)
+
+
 def test_missing_prior_and_mismatched_explicit_grid(toy_gmm) -> None:
     noise, generator = noise_for(range(2), (2,))
     with pytest.raises(UserError, match="sampler.prior is not set"):
@@ -495,7 +539,7 @@ def test_generator_options_compose(tmp_path: Path) -> None:
     }
     for name in options:
         cfg = compose_sample(
-            ["sampler=es_ddpm", f"generator@sampler.prior={name}", *extra.get(name, [])], tmp_path
+            ["sampler=es_ddpm", f"prior@sampler.prior={name}", *extra.get(name, [])], tmp_path
         )
         assert cfg.sampler.prior._target_.startswith("fastsample.")
         if name in extra or name == "gaussian":  # gmm needs Fashion-MNIST, vae the shipped asset
@@ -505,12 +549,12 @@ def test_generator_options_compose(tmp_path: Path) -> None:
 
 def test_sample_job_with_es_ddpm(tmp_path: Path) -> None:
     """sample.py's job end to end; run.json names the sampler, NFE and T'; batches do not matter."""
-    from fastsample.sampling import generate
+    from fastsample.jobs.sampling import generate
 
     base = [
         "model=gmm_toy",
         "sampler=es_ddpm",
-        "generator@sampler.prior=gaussian",
+        "prior@sampler.prior=gaussian",
         "sampler.steps=10",
         "sampler.t_prime=200",
         "seeds=0-5",

@@ -1,4 +1,4 @@
-"""Tests of fastsample.evaluation and evaluate.py: metric sanity with a small trained domain classifier
+"""Tests of fastsample.jobs.evaluation and evaluate.py: metric sanity with a small trained domain classifier
 (sklearn's digits), the Evaluator's input checks, the job's three modes and the FID training callback."""
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsample.evaluation import (
-    Evaluator,
-    classifier_features,
-    evaluate,
-    read_reference,
-    save_reference_file,
-)
+from fastsample.jobs.evaluation import evaluate
+from fastsample.lit.loading import classifier_features
 from fastsample.metrics import ClassifierFeatures, ModuleFeatures, load_reference
+from fastsample.metrics.evaluator import Evaluator, read_reference, save_reference_file
 from fastsample.models.classifier import NoisyClassifier
 from fastsample.utils.errors import UserError
 from fastsample.utils.io import save_npz_atomic
@@ -126,7 +122,7 @@ def test_fid_sanity_train_test_noise_and_itself(evaluator, digits_split):
 
 
 @pytest.mark.parametrize(
-    "corrupt, levels", [(noise_like, (0.0, 0.15, 0.3, 0.6)), (blur, (0.0, 0.6, 1.0, 2.0))]
+    "corrupt, levels", [(noise_like, (0.0, 0.3, 0.6, 1.0)), (blur, (0.0, 0.6, 1.0, 2.0))]
 )
 def test_fid_grows_monotonically_with_corruption(evaluator, digits_split, corrupt, levels):
     _, _, test = digits_split
@@ -287,12 +283,12 @@ def test_classifier_config_and_missing_file(classifier, classifier_bundle, tmp_p
     extractor = classifier_features(classifier_bundle)
     # Named by the raw network's weights: the same extractor as ClassifierFeatures(network) elsewhere.
     assert extractor.name == ClassifierFeatures(classifier).name
-    with pytest.raises(UserError, match="metrics.path=.*nothing.pt"):
+    with pytest.raises(UserError, match="features.path=.*nothing.pt"):
         classifier_features(tmp_path / "nothing.pt")
 
 
 def test_evaluate_job_ref_score_generate(classifier_bundle, tmp_path):
-    from fastsample.sampling import generate
+    from fastsample.jobs.sampling import generate
 
     common = [f"paths.cache_dir={tmp_path / 'cache'}", "dataset=digits", "model=gmm_digits", "device=cpu"]
     sample_cfg = compose(
@@ -309,7 +305,7 @@ def test_evaluate_job_ref_score_generate(classifier_bundle, tmp_path):
     samples = tmp_path / "samples" / "samples.npz"
     eval_common = [
         *common,
-        f"metrics.path={classifier_bundle}",
+        f"features.path={classifier_bundle}",
         "evaluator.kid_subsets=10",
         "evaluator.kid_subset_size=100",
     ]
@@ -406,7 +402,7 @@ def test_evaluate_cli_reports_user_errors_in_one_line(tmp_path):
             "mode=score",
             "samples=x.npz",
             "dataset=digits",
-            f"metrics.path={tmp_path / 'no-classifier.pt'}",
+            f"features.path={tmp_path / 'no-classifier.pt'}",
             f"hydra.run.dir={tmp_path}",
         ],
         capture_output=True,
@@ -417,7 +413,7 @@ def test_evaluate_cli_reports_user_errors_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: metrics.path=")
+    assert result.stderr.startswith("error: features.path=")
     assert "Traceback" not in result.stderr
 
 
@@ -519,7 +515,7 @@ def test_fid_callback_in_a_lightning_run(classifier, tmp_path):
 
 def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bundle, tmp_path):
     """The engine of `make demo` / bench/fid_vs_nfe.py: rows per (sampler, steps), same seeds, files."""
-    from fastsample.benchmark import BenchSettings, fid_vs_nfe
+    from fastsample.jobs.benchmark import BenchSettings, fid_vs_nfe
 
     settings = BenchSettings(
         samplers=("euler", "dpmpp_2m"),
@@ -531,7 +527,7 @@ def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bu
         device="cpu",
         out=str(tmp_path / "bench"),
     )
-    overrides = [f"metrics.path={classifier_bundle}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"features.path={classifier_bundle}", f"paths.cache_dir={tmp_path / 'cache'}"]
     rows = fid_vs_nfe(settings, [*overrides, "class_labels=cycle", "evaluator.kid_subset_size=100"])
     assert [(row["sampler"], row["steps"]) for row in rows] == [
         ("exact", 0),
@@ -548,7 +544,7 @@ def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bu
     for name in ("fid_vs_nfe.csv", "fid_vs_nfe.md", "fid_vs_nfe.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
     # --merge: rows of several runs' CSVs read back exactly, as one table and plot, without sampling
-    from fastsample.benchmark import merge_runs, read_csv
+    from fastsample.jobs.benchmark import merge_runs, read_csv
 
     assert read_csv(tmp_path / "bench" / "fid_vs_nfe.csv") == rows
     csv_path = str(tmp_path / "bench" / "fid_vs_nfe.csv")
@@ -559,7 +555,7 @@ def test_fid_vs_nfe_benchmark_writes_table_plot_and_class_accuracy(classifier_bu
 
 
 def test_benchmark_sampler_specs_carry_schedules():
-    from fastsample.benchmark import parse_sampler_spec
+    from fastsample.jobs.benchmark import parse_sampler_spec
 
     assert parse_sampler_spec("heun", 5) == ("heun", ["sampler=heun", "sampler.steps=5"])
     label, overrides = parse_sampler_spec("dpmpp_2m@loglinear", 10)

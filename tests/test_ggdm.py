@@ -19,8 +19,8 @@ from torch import nn
 
 from fastsample.diffusion.denoiser import CountingDenoiser
 from fastsample.diffusion.discrete import DiscreteVPDenoiser
-from fastsample.lit.ddss import ddss_loss, image_features, pixel_features, random_conv_features
 from fastsample.metrics import kid, mmd2_unbiased
+from fastsample.metrics.feature_loss import ddss_loss, image_features, pixel_features, random_conv_features
 from fastsample.models.gmm import GaussianMixture
 from fastsample.samplers import Sampler
 from fastsample.samplers.ggdm import GGDMSampler, load_ggdm
@@ -345,7 +345,8 @@ def compose_config(name: str, tmp_path: Path, *overrides: str):
 
 
 def test_sample_py_runs_a_learned_sampler_and_refuses_another_backbone(tmp_path):
-    from fastsample.sampling import build_model, generate
+    from fastsample.jobs.sampling import generate
+    from fastsample.jobs.setup import build_model
 
     path = tmp_path / "ggdm.pt"
     overrides = ["model=gmm_digits", "seeds=0-9", "device=cpu"]  # writes under <tmp_path>/out
@@ -373,7 +374,7 @@ def test_sample_py_runs_a_learned_sampler_and_refuses_another_backbone(tmp_path)
 
 @pytest.mark.filterwarnings("ignore:covariance of .* is singular", "ignore:Found .* module.*in eval mode")
 def test_train_task_ddss_fast_dev_run_writes_a_loadable_sampler(tmp_path):
-    from fastsample.training import train
+    from fastsample.jobs.training import train
 
     cfg = compose_config(
         "train",
@@ -411,9 +412,9 @@ def test_bad_task_settings_fail_with_the_setting_named(tmp_path):
 @pytest.mark.parametrize(
     ("experiment", "target"),
     [
-        ("ddss_fmnist", "fastsample.evaluation.classifier_features"),
-        ("ddss_fmnist_k5", "fastsample.evaluation.classifier_features"),
-        ("ddss_fmnist_random_features", "fastsample.lit.ddss.random_conv_features"),
+        ("ddss_fmnist", "fastsample.lit.loading.classifier_features"),
+        ("ddss_fmnist_k5", "fastsample.lit.loading.classifier_features"),
+        ("ddss_fmnist_random_features", "fastsample.metrics.feature_loss.random_conv_features"),
     ],
 )
 def test_ddss_experiments_pick_their_loss_features(tmp_path, experiment, target):

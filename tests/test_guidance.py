@@ -24,11 +24,11 @@ from fastsample.guidance import (
     SuperResolution,
 )
 from fastsample.guidance.operators import DownsampleOperator, GrayscaleOperator, MaskOperator, named_mask
+from fastsample.jobs.sampling import generate
 from fastsample.models.classifier import NoisyClassifier
 from fastsample.models.gmm import GaussianMixture
 from fastsample.models.sigma_classifier import SigmaClassifier, input_convention
 from fastsample.samplers import Sampler
-from fastsample.sampling import generate
 from fastsample.utils.errors import UserError
 from fastsample.utils.seeding import SeedNoise
 

@@ -399,7 +399,7 @@ def test_cleanfid_inception_offline_error_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match=f"{INCEPTION_ENV}.*no such file"):
         _ = CleanFIDInception().weights_hash
-    with pytest.raises(UserError, match="metrics.inception.mode"):
+    with pytest.raises(UserError, match="features.mode"):
         CleanFIDInception(mode="bilinear")
 
 

@@ -34,13 +34,13 @@ from PIL import Image
 from fastsample.data.datasets import FASHION_MNIST
 from fastsample.guidance.base import ExtremeGuidanceWarning, warn_extreme_scale
 from fastsample.guidance.classifier import MixturePosteriorGuidance
+from fastsample.jobs.sampling import generate
+from fastsample.jobs.training import train
 from fastsample.lit.checkpoint_io import AtomicCheckpointIO
 from fastsample.metrics import ModuleFeatures
 from fastsample.metrics.resumable import parts_dir_for
 from fastsample.models.gmm import GaussianMixture
 from fastsample.samplers import Sampler
-from fastsample.sampling import generate
-from fastsample.training import train
 from fastsample.utils.errors import NumericalError, UserError
 from fastsample.utils.io import _host_tag, remove_stale_temporaries, save_npz_atomic
 from fastsample.utils.run_state import STATE_FILE
@@ -59,7 +59,7 @@ TRAIN_ARGS = (
     "dataset.subset=256",
     "dataset.batch_size=32",
     "task=diffusion",
-    "model/net@task.net=unet_tiny",
+    "net@task.net=unet_tiny",
     "callbacks.sample_grid=null",
     "trainer=cpu",
     f"trainer.max_steps={TRAIN_STEPS}",
@@ -295,7 +295,7 @@ def tiny_features(calls: list[int] | None = None, fail_at: int | None = None) ->
 
 
 def test_interrupted_reference_statistics_resume_to_identical_file(tmp_path: Path, digits) -> None:
-    from fastsample.evaluation import Evaluator
+    from fastsample.metrics.evaluator import Evaluator
 
     images = digits[0][:1000].float()
     with mock.patch("fastsample.metrics.resumable.PART_IMAGES", 200):
@@ -320,7 +320,7 @@ def test_interrupted_reference_statistics_resume_to_identical_file(tmp_path: Pat
 
 
 def test_reference_parts_of_other_images_are_refused(tmp_path: Path, digits) -> None:
-    from fastsample.evaluation import Evaluator
+    from fastsample.metrics.evaluator import Evaluator
 
     images = digits[0][:600].float()
     with mock.patch("fastsample.metrics.resumable.PART_IMAGES", 200):
@@ -342,7 +342,7 @@ from fastsample.samplers import Sampler
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-net = instantiate(OmegaConf.to_container(OmegaConf.load("conf/model/net/unet_tiny.yaml")))
+net = instantiate(OmegaConf.to_container(OmegaConf.load("conf/net/unet_tiny.yaml")))
 with torch.no_grad():
     for parameter in net.parameters():
         parameter.normal_(0.0, 0.2)
@@ -549,7 +549,7 @@ def test_extreme_guidance_scale_warns_and_overflow_is_an_error(tmp_path: Path) -
 
 def test_bfloat16_network_keeps_a_float32_solver_state(tiny_net_denoiser) -> None:
     """network_precision=bfloat16: the network runs in bfloat16, every solver state stays float32."""
-    from fastsample.accel import NetworkWrapper
+    from fastsample.diffusion.accel import NetworkWrapper
 
     states: list[torch.dtype] = []
     noise = SeedNoise(range(4)).randn((1, 8, 8))

@@ -365,7 +365,8 @@ def compose_sampler(name: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=[f"sampler={name}"]).sampler
+        preset = [f"experiment={name}"] if name != "restart" else []  # paper presets: conf/experiment
+        return compose("evaluate", overrides=["sampler=restart", *preset]).sampler
 
 
 @pytest.mark.parametrize(
@@ -460,7 +461,7 @@ class FakeTrial:
 def test_experiment_and_optuna_search_compose_into_valid_samplers() -> None:
     from hydra import compose, initialize_config_dir
 
-    from fastsample.tuning import restart_search_space
+    from fastsample.jobs.search_spaces import restart_search_space
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -471,7 +472,7 @@ def test_experiment_and_optuna_search_compose_into_valid_samplers() -> None:
         assert cfg.mode == "generate" and cfg.sampler.name == "restart"
         sweeper = cfg.hydra.sweeper
         assert sweeper.direction == "minimize"
-        assert sweeper.custom_search_space == "fastsample.tuning.restart_search_space"
+        assert sweeper.custom_search_space == "fastsample.jobs.search_spaces.restart_search_space"
         assert set(sweeper.params) == {"sampler.restart_list.0.t_min", "sampler.restart_list.0.K"}
         for t_min in (0.02, 0.3, 2.0):  # t_max follows t_min: every trial is a valid interval
             trial = FakeTrial({"sampler.restart_list.0.t_min": t_min})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fastsample.sampling import generate
+from fastsample.jobs.sampling import generate
 from fastsample.utils.errors import NumericalError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]

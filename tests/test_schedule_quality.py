@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas
-from fastsample.lit.ddss import pixel_features
+from fastsample.jobs.schedule_search import optimize_schedule
+from fastsample.metrics.feature_loss import pixel_features
 from fastsample.samplers import Sampler
 from fastsample.schedule_search import LogSigmaSchedule, QualityObjective, quality_search
-from fastsample.schedule_search.job import optimize_schedule
 from fastsample.schedule_search.quality import iteration_seeds
 from fastsample.utils.errors import UserError
 from fastsample.utils.seeding import SeedNoise
@@ -123,7 +123,7 @@ def test_quality_search_refuses_bad_settings():
 
 
 def test_quality_method_end_to_end_on_pixel_features(tmp_path):
-    """The job on the digits mixture: no teacher, features from the loss_features group, validation FID."""
+    """The job on the digits mixture: no teacher, features from the features group, validation FID."""
     overrides = [
         "model=gmm_digits",
         "dataset=digits",
@@ -139,7 +139,7 @@ def test_quality_method_end_to_end_on_pixel_features(tmp_path):
         "schedule_search.quality.samples=32",
         "schedule_search.quality.validation_seeds=0-63",
         "schedule_search.quality.validate_every=2",
-        "loss_features@schedule_search.quality.features=pixels",
+        "features@schedule_search.quality.features=pixels",
     ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sample", overrides=overrides)

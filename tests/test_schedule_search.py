@@ -19,6 +19,8 @@ from fastsample.diffusion.schedules import (
     make_sigmas,
     save_schedule_file,
 )
+from fastsample.jobs.cli import sample_main
+from fastsample.jobs.schedule_search import optimize_schedule
 from fastsample.samplers import Sampler
 from fastsample.schedule_search import (
     LogSigmaSchedule,
@@ -31,7 +33,6 @@ from fastsample.schedule_search import (
     steps_for_nfe,
     teacher_trajectories,
 )
-from fastsample.schedule_search.job import optimize_schedule
 from fastsample.utils.errors import UserError
 from fastsample.utils.seeding import SeedNoise
 
@@ -326,13 +327,8 @@ def test_sample_py_dispatches_to_the_search(tmp_path):
 
 
 def test_unknown_mode_is_a_one_line_error(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import sample
-    finally:
-        sys.path.remove(str(ROOT))
     with pytest.raises(SystemExit) as exited:
-        sample.run(search_config(tmp_path, "mode=bogus"))
+        sample_main(search_config(tmp_path, "mode=bogus"))
     assert exited.value.code == 2
     expected = "error: mode='bogus' is not allowed; choose one of: generate, optimize_schedule"
     assert capsys.readouterr().err.strip() == expected

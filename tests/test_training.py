@@ -1,7 +1,7 @@
 """Training side: every config option instantiates; smoke runs of each task; DDP, resume and export
 round trips; bad input fails with a UserError that names the setting.
 
-Everything runs on the CPU with sklearn's 8x8 digits and tiny networks (conf/model/net/*_tiny.yaml).
+Everything runs on the CPU with sklearn's 8x8 digits and tiny networks (conf/net/*_tiny.yaml).
 """
 
 from __future__ import annotations
@@ -24,20 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastsample.data.datasets import FASHION_MNIST
 from fastsample.diffusion.discrete import DiscreteSchedule
-from fastsample.lit.classifier import ClassifierModule, lr_factor
+from fastsample.jobs.sampling import generate
+from fastsample.jobs.setup import build_guidance, build_model
+from fastsample.jobs.training import instantiate_group, train
+from fastsample.lit.classifier import ClassifierModule
 from fastsample.lit.diffusion import DiffusionModule
+from fastsample.lit.loading import load_classifier, load_denoiser
+from fastsample.lit.optim import lr_factor
 from fastsample.metrics.features import ClassifierFeatures
-from fastsample.models.bundle import (
-    ASSETS_ENV,
-    asset_path,
-    load_asset,
-    load_bundle,
-    load_classifier,
-)
+from fastsample.models.bundle import ASSETS_ENV, asset_path, load_asset
 from fastsample.models.sigma_classifier import SigmaClassifier
 from fastsample.samplers import Sampler
-from fastsample.sampling import build_guidance, build_model, generate, generate_batch
-from fastsample.training import instantiate_group, train
+from fastsample.samplers.generation import generate_batch
 from fastsample.utils.errors import UserError
 from fastsample.utils.images import to_uint8
 from fastsample.utils.instantiation import find_user_error
@@ -53,13 +51,13 @@ TINY_DIFFUSION = [
     "dataset.val_subset=32",
     "dataset.batch_size=32",
     "task=diffusion",
-    "model/net@task.net=unet_tiny",
+    "net@task.net=unet_tiny",
     "callbacks.sample_grid=null",
 ]
 TINY_CLASSIFIER = [
     *TINY_DIFFUSION[:4],
     "task=classifier",
-    "model/net@task.net=classifier_tiny",
+    "net@task.net=classifier_tiny",
     "callbacks.sample_grid=null",
 ]
 
@@ -322,7 +320,7 @@ def test_fast_dev_run(run: str, tmp_path: Path) -> None:
         assert classifier.noisy == (run == "classifier-noisy")
         assert classifier(torch.randn(2, 1, 8, 8), 0.5).shape == (2, 10)
     else:
-        denoiser = load_bundle(tmp_path / "model.pt")
+        denoiser = load_denoiser(tmp_path / "model.pt")
         assert denoiser(torch.randn(2, 1, 8, 8), 0.5).shape == (2, 1, 8, 8)
 
 
@@ -367,7 +365,7 @@ def test_ddp_cpu_two_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout  # the second process joined
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    load_bundle(tmp_path / "model.pt")
+    load_denoiser(tmp_path / "model.pt")
     assert "train/loss" in result.stdout  # rank 0 printed the final metrics
 
 
@@ -393,7 +391,7 @@ def test_resume_continues_steps_and_logs(tmp_path: Path) -> None:
     first, second = (read_csv_steps(tmp_path / "csv" / f"version_{v}" / "metrics.csv") for v in (0, 1))
     assert sorted(set(first)) == [0, 1, 2, 3]
     assert sorted(set(second)) == [4, 5]  # continues, no restart from 0
-    load_bundle(last)  # a .ckpt is a valid model.path too
+    load_denoiser(last)  # a .ckpt is a valid model.path too
 
 
 # ----------------------------------------------------------------------------- (e) export round trip
@@ -430,7 +428,7 @@ def test_exported_bundle_reproduces_in_memory_samples(objective: str, tmp_path: 
         for i in range(0, len(seeds), batch_size)
     ]
     assert np.array_equal(saved, np.concatenate(expected))
-    loaded, x = load_bundle(tmp_path / "model.pt"), torch.randn(5, 1, 8, 8)
+    loaded, x = load_denoiser(tmp_path / "model.pt"), torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x, 0.3), denoiser(x, 0.3))
         assert not torch.equal(loaded(x, 0.3), module.denoiser(ema=False)(x, 0.3))  # the EMA was exported
@@ -486,7 +484,7 @@ def test_missing_data_root(tmp_path: Path) -> None:
 def test_image_size_not_supported_by_backbone(tmp_path: Path) -> None:
     message = train_error(
         tmp_path,
-        [*TINY_DIFFUSION, "model/net@task.net=unet_small", "dataset.resolution=10", "task.net.image_size=10"],
+        [*TINY_DIFFUSION, "net@task.net=unet_small", "dataset.resolution=10", "task.net.image_size=10"],
     )
     assert "image_size=10" in message and "channel_mult" in message
 

@@ -12,12 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fastsample.generators import vae_generator
+from fastsample.jobs.training import train
+from fastsample.lit.loading import load_vae, vae_generator
 from fastsample.lit.vae import VAEModule
 from fastsample.models.bundle import ASSETS_ENV
-from fastsample.models.vae import ConvVAE, gaussian_nll, kl_to_standard_normal, load_vae
+from fastsample.models.vae import ConvVAE, gaussian_nll, kl_to_standard_normal
 from fastsample.samplers.es_ddpm import ESDDPMSampler
-from fastsample.training import train
 from fastsample.utils.errors import UserError
 from fastsample.utils.seeding import SeedNoise
 
@@ -31,7 +31,7 @@ TINY_VAE = [
     "dataset.val_subset=32",
     "dataset.batch_size=32",
     "task=vae",
-    "model/net@task.net=vae_tiny",
+    "net@task.net=vae_tiny",
     "callbacks.sample_grid=null",
 ]
 

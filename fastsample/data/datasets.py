@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from fastsample.data.idx import find_idx_file, read_idx
 from fastsample.data.transforms import convert_channels, resize_center_crop, to_unit_range
 from fastsample.utils.errors import check_choice, check_range, fail
+from fastsample.utils.images import IMAGE_EXTENSIONS, list_images
 
 SPLITS = ("train", "test")
 DATA_ENV = "FASTSAMPLE_DATA"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_TEST_FRACTION = 0.2
 
 
@@ -366,11 +367,6 @@ def _split_folder(root: Path, split: str) -> Path:
     return root
 
 
-def list_images(folder: Path) -> list[Path]:
-    """All image files under ``folder``, recursively, in a deterministic (sorted) order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def image_folder_classes(root: str | os.PathLike) -> list[str]:
     """Class names: the first-level subfolders of the training tree that contain images, sorted."""
     folder = _split_folder(_existing_root(root), "train")
@@ -436,7 +432,6 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
 
         with Image.open(self.files[index]) as image:
             pixels = np.asarray(image.convert("RGB" if self.channels == 3 else "L"))

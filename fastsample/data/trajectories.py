@@ -43,12 +43,14 @@ from tqdm import tqdm
 from fastsample.data.datamodule import per_device_batch_size
 from fastsample.diffusion.denoiser import CountingDenoiser
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas, schedule_file_sigmas, validate_sigmas
+from fastsample.models.dsno import teacher_record
 from fastsample.samplers import Sampler, sample_trajectory
 from fastsample.samplers.sampler import _schedule_spec
+from fastsample.utils.device import resolve_device
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import remove_stale_temporaries, save_npz_atomic, write_json_atomic
-from fastsample.utils.seeding import SeedNoise
+from fastsample.utils.seeding import SeedNoise, labels_for
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +260,6 @@ def generate_trajectories(
     ``after_chunk(path)`` is called after each chunk is written (progress reporting; tests use it to
     simulate an interruption).
     """
-    from fastsample.sampling import labels_for
 
     check_choice("dataset.dtype", dtype, DTYPES)
     device = torch.device(device)
@@ -289,7 +290,6 @@ def generate_trajectories(
 
 
 def _resolve_device(name: str) -> torch.device:
-    from fastsample.sampling import resolve_device
 
     return resolve_device(name)
 
@@ -391,8 +391,6 @@ class TrajectoryDataModule(pl.LightningDataModule):
     def metadata(self) -> dict[str, Any]:
         """What identifies these trajectories (stored as meta.json and checked on reuse)."""
         if self._meta is None:
-            from fastsample.models.dsno import teacher_record
-
             teacher = self.teacher_model()
             sampler = describe_sampler(self.sampler)
             self._meta = {

@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hydra.utils import get_object
+
 from fastsample.diffusion.denoiser import FunctionDenoiser
 from fastsample.utils.errors import check_range, fail
 
 
 def import_object(path: str, setting: str = "model.fn") -> Any:
     """The object at a dotted path: ``package.module.name`` or ``package.module:name``."""
-    from hydra.utils import get_object
 
     if not isinstance(path, str) or not path.strip():
         fail(f"{setting} must be a dotted path such as my_pkg.models.denoise, got {path!r}")

@@ -144,3 +144,29 @@ def vp_sigma(abar: Tensor | float) -> Tensor | float:
     if isinstance(abar, Tensor):
         return ((1 - abar) / abar).sqrt()
     return math.sqrt((1 - abar) / abar)
+
+
+#: the attributes schedules and entry points read from a denoiser; wrappers pass them through
+DENOISER_ATTRIBUTES = (
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+    "image_shape",
+    "num_classes",
+    "discrete_sigmas",
+)
+
+
+class WrappedDenoiser(Denoiser):
+    """Base of denoiser wrappers: copies the wrapped model's range, shape and class count."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        for name in DENOISER_ATTRIBUTES:
+            if hasattr(inner, name):
+                object.__setattr__(self, name, getattr(inner, name))
+
+    def identity(self) -> dict[str, Any]:
+        inner = self.inner.identity() if hasattr(self.inner, "identity") else type(self.inner).__name__
+        return {"class": type(self).__name__, "inner": inner}

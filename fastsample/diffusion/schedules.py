@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
+from fastsample.diffusion.discrete import DiscreteSchedule
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.io import write_bytes_atomic
 
@@ -104,7 +106,6 @@ class ScheduleSpec:
 
 def default_table() -> Tensor:
     """The linear-beta T=1000 DDPM sigma table, used for time-based schedules of continuous models."""
-    from fastsample.diffusion.discrete import DiscreteSchedule
 
     return DiscreteSchedule().sigmas
 
@@ -197,7 +198,6 @@ def resolve_schedule_path(path: str | os.PathLike | None) -> Path:
 
 def load_schedule_file(path: str | os.PathLike | None) -> dict[str, Any]:
     """Read a schedule file (YAML or JSON): a mapping with ``sigmas`` and its provenance."""
-    import yaml
 
     resolved = resolve_schedule_path(path)
     try:
@@ -234,7 +234,6 @@ def save_schedule_file(path: str | os.PathLike, sigmas: Any, **provenance: Any) 
     The sigmas are validated first and written at full precision (they load back bit for bit);
     ``provenance`` (model, sampler, NFE, method, trajectories, seeds, ...) is stored beside them.
     """
-    import yaml
 
     path = Path(path)
     check_choice("schedule file suffix", path.suffix, (".yaml", ".yml", ".json"))

@@ -1,15 +1,17 @@
 """Guidance: conditional functions ``g(x, sigma)`` added to the ODE, and denoiser wrappers (CFG).
 
-``conf/guidance/*.yaml`` builds a :class:`GuidanceTask`; :func:`fastsample.sampling.generate_batch`
-calls its :meth:`~GuidanceTask.setup` per batch of seeds. See docs/guidance.md.
+``conf/guidance/*.yaml`` builds a :class:`GuidanceTask`;
+:func:`fastsample.samplers.generation.generate_batch` calls its :meth:`~GuidanceTask.setup` per batch of
+seeds. See docs/guidance.md.
 """
 
+from fastsample.diffusion.denoiser import WrappedDenoiser
 from fastsample.guidance.base import (
     ConditionalFunction,
+    GuidanceBatch,
     GuidanceStats,
     GuidanceTask,
     GuidedRun,
-    WrappedDenoiser,
     check_scale,
 )
 from fastsample.guidance.cfg import CFGDenoiser, ClassifierFreeGuidance
@@ -33,6 +35,7 @@ __all__ = [
     "DataConsistency",
     "DownsampleOperator",
     "GrayscaleOperator",
+    "GuidanceBatch",
     "GuidanceStats",
     "GuidanceTask",
     "GuidedRun",

@@ -23,18 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastsample.diffusion.denoiser import Denoiser, append_dims, expand_sigma
-from fastsample.utils.errors import check_range, fail
-
-#: the attributes schedules and entry points read from a denoiser; wrappers pass them through
-DENOISER_ATTRIBUTES = (
-    "sigma_min",
-    "sigma_max",
-    "sigma_data",
-    "image_shape",
-    "num_classes",
-    "discrete_sigmas",
+from fastsample.diffusion.denoiser import (
+    append_dims,
+    expand_sigma,
 )
+from fastsample.utils.errors import check_range, fail
 
 
 def check_scale(setting: str, scale: float) -> float:
@@ -116,19 +109,17 @@ class ConditionalFunction:
         raise NotImplementedError
 
 
-class WrappedDenoiser(Denoiser):
-    """Base of denoiser wrappers: copies the wrapped model's range, shape and class count."""
+@dataclass(frozen=True)
+class GuidanceBatch:
+    """What :meth:`GuidanceTask.setup` is given about one batch besides the model and the labels.
 
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
-        for name in DENOISER_ATTRIBUTES:
-            if hasattr(inner, name):
-                object.__setattr__(self, name, getattr(inner, name))
+    ``shape`` is the data shape asked for, else the model's ``image_shape`` (None if neither is known).
+    """
 
-    def identity(self) -> dict[str, Any]:
-        inner = self.inner.identity() if hasattr(self.inner, "identity") else type(self.inner).__name__
-        return {"class": type(self).__name__, "inner": inner}
+    seeds: list[int]
+    shape: tuple[int, ...] | None
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -183,6 +174,26 @@ class GuidanceTask:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> GuidedRun:
+        """Bind the settings to ``model`` and one batch of ``seeds``: the guided problem to integrate.
+
+        The steps every task shares: :meth:`prepare`, then the target labels (``labels``, else
+        ``seed mod classes``, for tasks that ``needs_labels``; the given ``labels`` otherwise), then the
+        task's own :meth:`guided_run`, whose ``labels`` are set to those targets.
+        """
+        found = tuple(shape) if shape is not None else getattr(model, "image_shape", None)
+        batch = GuidanceBatch(list(seeds), tuple(found) if found is not None else None, device, dtype)
+        self.prepare(model, batch)
+        targets = self.target_labels(model, seeds, labels, device) if self.needs_labels else labels
+        run = self.guided_run(model, targets, batch)
+        run.labels = targets
+        return run
+
+    def prepare(self, model: Any, batch: GuidanceBatch) -> None:
+        """Check that ``model`` can take this guidance and move what the task holds to ``batch.device``
+        (before the targets are drawn, so a wrong model fails first); nothing by default."""
+
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        """The task's guided problem for ``model``, the batch's target ``labels`` and ``batch``."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

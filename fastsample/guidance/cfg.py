@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastsample.guidance.base import GuidanceTask, GuidedRun, WrappedDenoiser
+from fastsample.diffusion.denoiser import WrappedDenoiser
+from fastsample.guidance.base import GuidanceBatch, GuidanceTask, GuidedRun
 from fastsample.utils.errors import fail
 
 
@@ -63,20 +64,12 @@ class ClassifierFreeGuidance(GuidanceTask):
     def __init__(self, scale: float = 2.0) -> None:
         super().__init__(scale)
 
-    def setup(
-        self,
-        model: Any,
-        *,
-        seeds: list[int],
-        labels: Tensor | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> GuidedRun:
+    def prepare(self, model: Any, batch: GuidanceBatch) -> None:
         if not getattr(model, "num_classes", None):
             fail(
                 "guidance=cfg needs a class-conditional model (trained with class labels and label "
                 "dropout); this model has no classes"
             )
-        targets = self.target_labels(model, seeds, labels, device)
-        return GuidedRun(CFGDenoiser(model, self.scale), {"class_labels": targets}, None, labels=targets)
+
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        return GuidedRun(CFGDenoiser(model, self.scale), {"class_labels": labels})

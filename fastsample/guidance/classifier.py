@@ -26,11 +26,13 @@ from torch import Tensor
 
 from fastsample.guidance.base import (
     ConditionalFunction,
+    GuidanceBatch,
     GuidanceStats,
     GuidanceTask,
     GuidedRun,
     sigma_column,
 )
+from fastsample.models import bundle
 from fastsample.utils.errors import fail
 
 #: log p(c | x, sigma) per row for target labels: (x, sigma, labels) -> (B,)
@@ -54,12 +56,17 @@ class LogProbGuidance(ConditionalFunction):
         return -self.scale * sigma_column(sigma, x) * grad.to(x.dtype)
 
 
-def load_guidance_classifier(classifier: Any) -> Any:
-    """A classifier module as is, or a file: an existing path, else the name of a shipped asset."""
+def load_guidance_classifier(classifier: Any, loader: Callable[[Any], Any] | None = None) -> Any:
+    """A classifier module as is, or a file: an existing path, else the name of a shipped asset.
+
+    ``loader`` reads files when given (conf/guidance/classifier.yaml passes
+    :func:`fastsample.lit.loading.guidance_classifier`, which also reads Lightning ``.ckpt`` files);
+    without it files are read as bundles (the guidance layer knows no Lightning).
+    """
     if not isinstance(classifier, (str, os.PathLike)):
         return classifier
-    from fastsample.models import bundle
-
+    if loader is not None:
+        return loader(classifier)
     path = Path(classifier)
     if path.is_file() or os.sep in str(classifier):
         return bundle.load_classifier(path, setting="guidance.classifier")
@@ -71,18 +78,26 @@ class ClassifierGuidance(GuidanceTask):
 
     Args:
         classifier: a :class:`~fastsample.models.sigma_classifier.SigmaClassifier` (or any module with
-            that call convention), a classifier bundle / ``.ckpt`` path, or a shipped asset name.
+            that call convention), a classifier bundle path (``.ckpt`` too, with ``loader``), or a
+            shipped asset name.
         scale: the guidance scale ``s >= 0`` (0: no guidance).
         model_labels: also pass the target labels to a class-conditional diffusion model (ADM's
             conditional + classifier setting); by default the model runs unconditionally.
+        loader: reads a file or asset ``classifier`` (see :func:`load_guidance_classifier`).
     """
 
     name = "classifier"
     needs_labels = True
 
-    def __init__(self, classifier: Any, scale: float = 1.0, model_labels: bool = False) -> None:
+    def __init__(
+        self,
+        classifier: Any,
+        scale: float = 1.0,
+        model_labels: bool = False,
+        loader: Callable[[Any], Any] | None = None,
+    ) -> None:
         super().__init__(scale)
-        self.classifier = load_guidance_classifier(classifier)
+        self.classifier = load_guidance_classifier(classifier, loader)
         if not callable(self.classifier):
             fail(f"guidance.classifier must be a classifier module or file, got {type(classifier).__name__}")
         if isinstance(self.classifier, torch.nn.Module):
@@ -103,29 +118,19 @@ class ClassifierGuidance(GuidanceTask):
             logits = logits.float()
         return logits.log_softmax(dim=-1).gather(1, labels.long().reshape(-1, 1)).squeeze(1)
 
-    def setup(
-        self,
-        model: Any,
-        *,
-        seeds: list[int],
-        labels: Tensor | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> GuidedRun:
+    def prepare(self, model: Any, batch: GuidanceBatch) -> None:
         expected = getattr(self.classifier, "image_shape", None)
-        data = tuple(shape) if shape is not None else getattr(model, "image_shape", None)
-        if expected is not None and data is not None and tuple(expected) != tuple(data):
+        if expected is not None and batch.shape is not None and tuple(expected) != batch.shape:
             fail(
                 f"guidance.classifier takes images of shape {tuple(expected)} but the model makes "
-                f"{tuple(data)}; use a classifier trained on the model's data"
+                f"{batch.shape}; use a classifier trained on the model's data"
             )
         if isinstance(self.classifier, torch.nn.Module):
-            self.classifier.to(device)
-        targets = self.target_labels(model, seeds, labels, device)
-        cond = {"class_labels": targets} if self.model_labels else None
-        guidance = LogProbGuidance(self.log_prob, targets, self.scale, self.stats)
-        return GuidedRun(model, cond, guidance, labels=targets)
+            self.classifier.to(batch.device)
+
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        cond = {"class_labels": labels} if self.model_labels else None
+        return GuidedRun(model, cond, LogProbGuidance(self.log_prob, labels, self.scale, self.stats))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "classifier": self.source, "model_labels": self.model_labels}
@@ -144,18 +149,8 @@ class MixturePosteriorGuidance(GuidanceTask):
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__(scale)
 
-    def setup(
-        self,
-        model: Any,
-        *,
-        seeds: list[int],
-        labels: Tensor | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> GuidedRun:
-        targets = self.target_labels(model, seeds, labels, device)
-        return GuidedRun(model, None, self.function(model, targets), labels=targets)
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        return GuidedRun(model, None, self.function(model, labels))
 
     def function(self, model: Any, labels: Tensor) -> LogProbGuidance:
         """The conditional function for ``labels`` (exact posterior of ``model``)."""

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastsample.diffusion.denoiser import WrappedDenoiser
 from fastsample.guidance.base import (
     ConditionalFunction,
+    GuidanceBatch,
     GuidanceStats,
     GuidanceTask,
     GuidedRun,
-    WrappedDenoiser,
 )
 from fastsample.guidance.operators import (
     LUMA,
@@ -204,25 +205,17 @@ class InverseProblem(GuidanceTask):
         )
         return GuidedRun(denoiser, cond, guidance, measurement=measurement, reference=reference)
 
-    def setup(
-        self,
-        model: Any,
-        *,
-        seeds: list[int],
-        labels: Tensor | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> GuidedRun:
-        shape = tuple(shape) if shape is not None else getattr(model, "image_shape", None)
-        if shape is None:
+    def prepare(self, model: Any, batch: GuidanceBatch) -> None:
+        if batch.shape is None:
             fail("the model does not declare its data shape; set shape=[C,H,W]")
-        self.operator.check_data(shape)
-        x0, _ = self.ground_truth(model, seeds, shape, device, dtype)
-        cond = {"class_labels": labels.to(device)} if labels is not None else None
-        run = self.for_measurement(model, self.measure(x0, seeds), cond=cond, shape=shape, reference=x0)
-        run.labels = labels
-        return run
+        self.operator.check_data(batch.shape)
+
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        """Measurements of ground truth chosen by seed (``source``); ``labels`` condition the model."""
+        x0, _ = self.ground_truth(model, batch.seeds, batch.shape, batch.device, batch.dtype)
+        cond = {"class_labels": labels.to(batch.device)} if labels is not None else None
+        measurement = self.measure(x0, batch.seeds)
+        return self.for_measurement(model, measurement, cond=cond, shape=batch.shape, reference=x0)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from fastsample.utils.errors import check_choice, check_range, fail
@@ -107,8 +108,6 @@ def named_mask(name: str, data_shape: Sequence[int], size: float = 0.5, seed: in
 
 def read_mask(source: Any) -> Tensor:
     """A mask given as an array / nested list / tensor, or a ``.npy`` / ``.pt`` file."""
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(source):
         source = OmegaConf.to_container(source)
     if isinstance(source, (str, os.PathLike)):

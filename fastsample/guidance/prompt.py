@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastsample.diffusion.denoiser import expand_sigma
-from fastsample.guidance.base import GuidanceTask, GuidedRun, WrappedDenoiser
+from fastsample.diffusion.denoiser import WrappedDenoiser, expand_sigma
+from fastsample.guidance.base import GuidanceBatch, GuidanceTask, GuidedRun
 from fastsample.utils.errors import fail
 
 
@@ -91,29 +91,21 @@ class PromptGuidance(GuidanceTask):
         """Labels index the prompts."""
         return len(self.prompts)
 
-    def setup(
-        self,
-        model: Any,
-        *,
-        seeds: list[int],
-        labels: Tensor | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> GuidedRun:
-        encode = _find(model, "encode_prompts")
-        if encode is None:
+    def prepare(self, model: Any, batch: GuidanceBatch) -> None:
+        if _find(model, "encode_prompts") is None:
             fail(
                 "guidance=prompt needs a text-conditional model (e.g. model=diffusers_t2i); "
                 "this model has no text encoder"
             )
-        targets = self.target_labels(model, seeds, labels, device)
-        embeddings = encode(self.prompts).to(device)
-        cond = {"encoder_hidden_states": embeddings[targets]}
+
+    def guided_run(self, model: Any, labels: Tensor | None, batch: GuidanceBatch) -> GuidedRun:
+        encode = _find(model, "encode_prompts")
+        embeddings = encode(self.prompts).to(batch.device)
+        cond = {"encoder_hidden_states": embeddings[labels]}
         if self.scale != 1:
-            negative = encode([self.negative_prompt]).to(device)
-            cond["negative_encoder_hidden_states"] = negative.expand(len(seeds), -1, -1)
-        return GuidedRun(PromptCFGDenoiser(model, self.scale), cond, None, labels=targets)
+            negative = encode([self.negative_prompt]).to(batch.device)
+            cond["negative_encoder_hidden_states"] = negative.expand(len(batch.seeds), -1, -1)
+        return GuidedRun(PromptCFGDenoiser(model, self.scale), cond)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "prompts": list(self.prompts), "negative_prompt": self.negative_prompt}

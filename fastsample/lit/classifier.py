@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,11 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastsample.diffusion.denoiser import append_dims
 from fastsample.diffusion.losses import truncated_lognormal
+from fastsample.lit.optim import LR_SCHEDULES, configure_optimizers
+from fastsample.models.bundle import export_classifier
 from fastsample.models.sigma_classifier import SigmaClassifier, input_convention
 from fastsample.utils.errors import check_choice, check_range
 from fastsample.utils.instantiation import instantiate
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -25,7 +23,7 @@ class ClassifierModule(pl.LightningModule):
 
     ``net`` is the network's config (``_target_`` + arguments), instantiated here so checkpoints carry
     it. :meth:`classifier` is the network in sigma space, ``classifier(x, sigma) -> logits``, exactly as
-    guidance code and exported bundles (:func:`fastsample.models.bundle.load_classifier`) call it; the
+    guidance code and exported bundles (:func:`fastsample.lit.loading.load_classifier`) call it; the
     training loss goes through the same object, so there is one input convention
     (:mod:`fastsample.models.sigma_classifier`):
 
@@ -116,9 +114,7 @@ class ClassifierModule(pl.LightningModule):
             self.log("val/acc_clean", accuracy, on_epoch=True, sync_dist=True)
 
     def export(self, path: Any) -> Any:
-        """Write the classifier as a bundle for :func:`fastsample.models.bundle.load_classifier`."""
-        from fastsample.models.bundle import export_classifier
-
+        """Write the classifier as a bundle for :func:`fastsample.lit.loading.load_classifier`."""
         return export_classifier(self, path)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -139,20 +135,11 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """Adam; a linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at the end."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameter_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.warmup_steps and hp.lr_schedule == "constant":
-            return optimizer
-        total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_factor, warmup=hp.warmup_steps, total=total)
+        return configure_optimizers(
+            self,
+            self.parameter_groups(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            lr_schedule=hp.lr_schedule,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def lr_factor(step: int, warmup: int = 0, total: float | None = None) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then 1 or (``total`` set) cosine to 0."""
-    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    if total is None or not math.isfinite(total) or total <= warmup:
-        return ramp
-    progress = min(1.0, (step - warmup) / (total - warmup)) if step >= warmup else 0.0
-    return ramp * 0.5 * (1 + math.cos(math.pi * progress))

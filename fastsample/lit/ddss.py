@@ -8,7 +8,7 @@ rematerialization), and minimizes the unbiased MMD^2 with the cubic kernel (KID,
 backbone and the feature networks are frozen; only the sampler's parameters are trained.
 
 Held-out evaluation: fixed seeds (far from the training seeds) are sampled, rounded to uint8 as
-``sample.py`` saves them, and scored by :class:`fastsample.evaluation.Evaluator` with a *different*
+``sample.py`` saves them, and scored by :class:`fastsample.metrics.evaluator.Evaluator` with a *different*
 feature network than the optimized one (``val/fid``, ``val/kid``), so the reported score is not the
 one being gamed; the optimized network's KID is logged beside it (``val/kid_optimized``), and an
 analytic backbone's exact log-likelihood of the samples (``val/loglik``, nats per dimension). The
@@ -17,15 +17,15 @@ scores of the initial sampler (DDIM) are logged once as ``init/...``.
 ``train.py task=ddss`` writes the learned sampler to ``<output_dir>/ggdm.pt``;
 ``sample.py sampler=ggdm sampler.path=<that file>`` uses it.
 
-The plain pieces (:func:`ddss_loss`, :func:`image_features`, :class:`RandomConvFeatures`) work without
-Lightning (``bench/ddss_gmm.py`` uses them).
+The plain pieces (:func:`~fastsample.metrics.feature_loss.ddss_loss`,
+:func:`~fastsample.metrics.feature_loss.image_features`, the feature networks) live in
+:mod:`fastsample.metrics.feature_loss` and work without Lightning (``bench/ddss_gmm.py`` uses them).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,118 +35,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from fastsample.metrics import CleanFIDInception, FeatureExtractor, ModuleFeatures, mmd2_unbiased
+from fastsample.lit.optim import configure_optimizers
+from fastsample.metrics import FeatureExtractor
+from fastsample.metrics.evaluator import Evaluator
+from fastsample.metrics.feature_loss import ddss_loss, image_features
+from fastsample.samplers.generation import generate_batch
 from fastsample.samplers.ggdm import GGDMSampler
 from fastsample.utils.errors import check_range, fail
 from fastsample.utils.instantiation import instantiate
-from fastsample.utils.seeding import SeedNoise
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# Plain pieces: differentiable features and a fixed random feature map
-
-
-def image_features(extractor: FeatureExtractor, samples: Tensor) -> Tensor:
-    """Features of float samples in [-1, 1] (``(N, C, H, W)`` or any data shape), differentiable.
-
-    The same network as ``extractor(images)`` but without its uint8 rounding (which has no gradient):
-    samples are clamped to [-1, 1] (what saving them does), mapped to the extractor's input range and
-    embedded. clean-fid's Inception resizes with PIL outside the network and cannot be used here.
-    """
-    if isinstance(extractor, CleanFIDInception) and extractor.mode == "clean":
-        fail(
-            "the DDSS loss needs a differentiable feature network; clean-fid's Inception resizes with PIL. "
-            "Use metrics mode=legacy_tensorflow, a classifier (metrics=classifier) or a module"
-        )
-    low, high = extractor.input_range
-    x = samples.clamp(-1.0, 1.0)
-    x = (x + 1.0) * ((high - low) / 2.0) + low
-    if extractor.channels == 3 and x.ndim == 4 and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    parameter = next(extractor.parameters(), None)
-    if parameter is not None:
-        x = x.to(parameter.dtype)
-    features, _ = extractor.embed(x)
-    return features.flatten(1)
-
-
-class RandomConvFeatures(nn.Module):
-    """A fixed, seeded random CNN: ``(N, C, H, W) -> (N, 2 * width * grid^2)`` features.
-
-    Three 3x3 convolutions (the last two with stride 2) with tanh, average-pooled to a ``grid x grid``
-    map. Random convolutional features keep spatial structure and need no training, which makes them a
-    cheap feature map that no model was tuned on (held-out evaluation of DDSS, analytic mixtures).
-    Weights come from their own generator, so the network is the same for a seed on any machine.
-    """
-
-    def __init__(self, in_channels: int = 1, width: int = 32, grid: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        check_range("features.width", width, low=1)
-        check_range("features.grid", grid, low=1)
-        self.layers = nn.ModuleList(
-            [
-                nn.Conv2d(in_channels, width, 3, padding=1),
-                nn.Conv2d(width, width, 3, stride=2, padding=1),
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            ]
-        )
-        self.grid = grid
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in self.layers:
-                fan_in = layer.weight[0].numel()
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / fan_in**0.5)
-                layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=generator))
-        self.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)
-
-
-def ddss_loss(
-    sampler: GGDMSampler,
-    backbone: Any,
-    features: Callable[[Tensor], Tensor],
-    real: Tensor,
-    seeds: Sequence[int],
-    *,
-    shape: Sequence[int] | None = None,
-    class_labels: Tensor | None = None,
-    checkpoint: bool = True,
-) -> Tensor:
-    """The DDSS objective on one batch: KID (unbiased MMD^2, cubic kernel) between ``features`` of the
-    sampler's samples for ``seeds`` and of ``real``; differentiable in the sampler's parameters.
-
-    The noise (initial and per step) comes from the seeds' own streams, so a batch of seeds is a fixed
-    set of noise draws and the sample a deterministic function of the parameters (reparametrization).
-    """
-    noise_source = SeedNoise(seeds)
-    noise = noise_source.randn(tuple(shape or real.shape[1:]), dtype=real.dtype, device=real.device)
-    cond = {"class_labels": class_labels.to(real.device)} if class_labels is not None else None
-    with torch.enable_grad():
-        samples = sampler.sample(
-            backbone, noise, cond=cond, generator=noise_source, grad=True, checkpoint=checkpoint
-        )
-        fake = features(samples)
-    with torch.no_grad():
-        target = features(real)
-    return mmd2_unbiased(fake.double(), target.double())
-
-
-def random_conv_features(
-    in_channels: int = 1, width: int = 32, grid: int = 4, seed: int = 0
-) -> ModuleFeatures:
-    """:class:`RandomConvFeatures` as a feature extractor (named ``random_conv<seed>:<weights hash>``)."""
-    return ModuleFeatures(RandomConvFeatures(in_channels, width, grid, seed), label=f"random_conv{seed}")
-
-
-def pixel_features() -> ModuleFeatures:
-    """The identity feature map (flattened pixels), named ``pixels``."""
-    return ModuleFeatures(nn.Flatten(), label="pixels")
 
 
 def _container(node: Any) -> Any:
@@ -227,7 +125,7 @@ class DDSSModule(pl.LightningModule):
         check_range("task.eval_samples", eval_samples, low=0)
         check_range("task.eval_batch_size", eval_batch_size, low=1)
         if loss_features is None:
-            fail("task.loss_features is not set; give a feature extractor config (e.g. metrics=classifier)")
+            fail("task.loss_features is not set; give a feature extractor config (e.g. features=classifier)")
         self.save_hyperparameters(ignore=["model", "loss_features", "eval_features", "schedule"])
         self.hparams.update(
             model=_container(model),
@@ -265,8 +163,6 @@ class DDSSModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, seeds: list[int], labels: Tensor | None) -> Tensor:
         """Samples of ``seeds`` with per-seed noise, exactly as ``sample.py`` draws them."""
-        from fastsample.sampling import generate_batch
-
         return generate_batch(self.sampler, self.backbone, seeds, self.image_shape, labels, None, self.device)
 
     def _labels(self, labels: Tensor | None) -> Tensor | None:
@@ -322,8 +218,6 @@ class DDSSModule(pl.LightningModule):
     # -- held-out evaluation -------------------------------------------------------------------------
     def build_evaluators(self, datamodule: Any) -> dict[str, Any]:
         """Evaluators of the held-out extractor and (for ``kid_optimized``) of the optimized one."""
-        from fastsample.evaluation import Evaluator
-
         hp = self.hparams
         evaluators = {}
         for key, extractor, reference in (
@@ -397,4 +291,5 @@ class DDSSModule(pl.LightningModule):
         return target
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.sampler.parameters(), lr=self.hparams.lr)
+        """Adam over the sampler's parameters (the backbone and feature networks are frozen)."""
+        return configure_optimizers(self, self.sampler.parameters(), lr=self.hparams.lr)

@@ -10,7 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastsample.diffusion.build import wrap_network
 from fastsample.diffusion.denoiser import Denoiser
+from fastsample.diffusion.discrete import DiscreteSchedule
 from fastsample.diffusion.losses import ddpm_loss, edm_loss
+from fastsample.lit.optim import configure_optimizers
+from fastsample.models.bundle import export_bundle
 from fastsample.models.ema import make_ema
 from fastsample.utils.errors import check_choice, check_range
 from fastsample.utils.instantiation import instantiate
@@ -87,8 +90,6 @@ class DiffusionModule(pl.LightningModule):
         """The largest training sigma when training is restricted to ``t <= max_timestep``."""
         if self.hparams.max_timestep is None:
             return None
-        from fastsample.diffusion.discrete import DiscreteSchedule
-
         table = DiscreteSchedule(self.hparams.beta_schedule, self.hparams.timesteps).sigmas
         return float(table[self.hparams.max_timestep - 1])
 
@@ -125,19 +126,14 @@ class DiffusionModule(pl.LightningModule):
 
     def export(self, path: Any) -> Any:
         """Write the EMA model as a bundle for ``sample.py model=from_checkpoint``."""
-        from fastsample.models.bundle import export_bundle
-
         return export_bundle(self, path)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self) -> Any:
+        """Adam, with a linear learning-rate warm-up over ``warmup_steps``."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.warmup_steps:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps)
+        return configure_optimizers(
+            self, self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

@@ -2,12 +2,13 @@
 
 The operator's backbone is built from ``net`` (the teacher's architecture) and, at fit start, takes the
 teacher's weights; its output levels come from the trajectory data (:mod:`fastsample.data.trajectories`,
-whose DataModule also holds the teacher). The loss (:func:`dsno_loss`) is a weighted sum over the M
-trajectory points, by default with DSNO's weights ``w_m = clamp(alpha_m / sigma_m, 1, 1e4)`` (VP
-``alpha / sigma = 1 / sigma`` in sigma space, so the final frame at sigma = 0 weighs 1e4) on states
-scaled to the VP range (``x / sqrt(1 + sigma^2)``), normalized by the weights' sum so the logged value
-reads as a per-pixel error. ``mode=kd`` is the knowledge-distillation baseline: the same backbone
-without temporal layers, one output (sigma = 0), trained on the final frame only.
+whose DataModule also holds the teacher). The loss (:func:`~fastsample.models.dsno.dsno_loss`) is a
+weighted sum over the M trajectory points, by default with DSNO's weights
+``w_m = clamp(alpha_m / sigma_m, 1, 1e4)`` (VP ``alpha / sigma = 1 / sigma`` in sigma space, so the
+final frame at sigma = 0 weighs 1e4) on states scaled to the VP range (``x / sqrt(1 + sigma^2)``),
+normalized by the weights' sum so the logged value reads as a per-pixel error. ``mode=kd`` is the
+knowledge-distillation baseline: the same backbone without temporal layers, one output (sigma = 0),
+trained on the final frame only.
 
 Logged: ``train/loss``, ``val/loss`` (EMA operator), ``val/final_rmse`` (RMS error of the EMA operator's
 sample against the teacher's), sample grids of fixed seeds every ``grid_every_n_steps``.
@@ -26,54 +27,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fastsample.lit.optim import configure_optimizers
 from fastsample.models.dsno import (
+    LOSSES,
     MODES,
+    WEIGHTINGS,
     DSNOOperator,
     build_operator,
+    dsno_loss,
     export_operator,
     load_backbone_weights,
+    point_weights,
 )
 from fastsample.models.ema import make_ema
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.images import grid, save_png, to_uint8
-from fastsample.utils.seeding import SeedNoise
+from fastsample.utils.seeding import SeedNoise, labels_for
 
-LOSSES = ("l2", "l1")
-WEIGHTINGS = ("alpha_sigma", "uniform", "final")
 INITS = ("teacher", "random")
-
-
-def point_weights(
-    sigmas: Tensor, weighting: str = "alpha_sigma", low: float = 1.0, high: float = 1e4
-) -> Tensor:
-    """Weights of the output levels ``sigmas``: ``clamp(1 / sigma, low, high)`` (VP alpha / sigma),
-    ``uniform`` (all 1) or ``final`` (only the last point)."""
-    check_choice("task.weighting", weighting, WEIGHTINGS)
-    sigmas = sigmas.double()
-    if weighting == "uniform":
-        return torch.ones_like(sigmas)
-    if weighting == "final":
-        return torch.nn.functional.one_hot(torch.tensor(len(sigmas) - 1), len(sigmas)).double()
-    ratio = torch.where(sigmas > 0, 1 / sigmas.clamp(min=1e-30), torch.full_like(sigmas, float("inf")))
-    return ratio.clamp(low, high)
-
-
-def dsno_loss(
-    predicted: Tensor, target: Tensor, sigmas: Tensor, weights: Tensor, loss: str = "l2"
-) -> tuple[Tensor, Tensor]:
-    """Weighted trajectory loss: ``sum_m w_m d(x_m, x_m*) / sum_m w_m`` and the per-point terms.
-
-    ``predicted`` / ``target``: ``(B, M, ...)`` states at ``sigmas`` (sigma space); both are scaled to
-    the VP range ``x / sqrt(1 + sigma^2)`` first. ``d`` is the mean squared (``l2``) or absolute
-    (``l1``) error per point.
-    """
-    check_choice("task.loss", loss, LOSSES)
-    scale = (1 + sigmas.to(predicted.device, predicted.dtype) ** 2).rsqrt()
-    scale = scale.reshape(1, -1, *([1] * (predicted.ndim - 2)))
-    diff = (predicted - target) * scale
-    per_point = (diff.square() if loss == "l2" else diff.abs()).flatten(2).mean(dim=(0, 2))
-    weights = weights.to(per_point.device, per_point.dtype)
-    return (weights * per_point).sum() / weights.sum(), per_point
 
 
 class DSNOModule(pl.LightningModule):
@@ -88,7 +59,8 @@ class DSNOModule(pl.LightningModule):
         time_embedding: ``start`` (every frame gets the start level's label plus a learned per-frame
             embedding, zero at initialization: the operator starts as the teacher's one-step prediction)
             or ``output`` (the paper: each frame gets its output level's label).
-        loss / weighting / weight_min / weight_max: see :func:`dsno_loss` and :func:`point_weights`.
+        loss / weighting / weight_min / weight_max: see :func:`fastsample.models.dsno.dsno_loss` and
+            :func:`~fastsample.models.dsno.point_weights`.
         init: ``teacher`` (copy the teacher's weights into the backbone) or ``random``.
         lr / warmup_steps / weight_decay / ema_decay: Adam with linear warm-up; EMA of the operator.
         grid_every_n_steps / grid_seeds: sample grids of the EMA operator (0: none).
@@ -289,8 +261,6 @@ class DSNOModule(pl.LightningModule):
         seeds = list(range(self.hparams.grid_seeds))
         labels = None
         if self.class_labels is not None:
-            from fastsample.sampling import labels_for
-
             labels = labels_for(seeds, self.class_labels, (self.teacher or {}).get("num_classes"))
             labels = labels.to(self.device)
         images = to_uint8(self.sample(seeds, labels).float())
@@ -317,11 +287,12 @@ class DSNOModule(pl.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
+        """Adam, with a linear learning-rate warm-up over ``warmup_steps``."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.operator.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.warmup_steps:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps)
+        return configure_optimizers(
+            self,
+            self.operator.parameters(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

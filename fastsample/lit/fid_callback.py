@@ -1,8 +1,8 @@
 """FID during training: every N steps, sample fixed seeds with the EMA denoiser and log ``val/fid``.
 
-The work is done by :class:`fastsample.evaluation.Evaluator` (streaming features, FID / KID) and
-:func:`fastsample.sampling.generate_batch` (per-seed noise), so the numbers are the ones evaluate.py
-gives for the same seeds. It runs on global rank 0 only; the other ranks carry on until their next
+The work is done by :class:`fastsample.metrics.evaluator.Evaluator` (streaming features, FID / KID) and
+:func:`fastsample.samplers.generation.generate_batch` (per-seed noise), so the numbers are the ones
+evaluate.py gives for the same seeds. It runs on global rank 0 only; the other ranks carry on until their next
 collective and wait there, so keep ``num_samples`` modest (the logged value is a fixed-seed proxy,
 not a 50k-sample FID).
 
@@ -14,7 +14,7 @@ Example (conf/callbacks/*.yaml)::
       num_samples: 2000
       sampler: heun
       steps: 18
-      extractor: {_target_: fastsample.evaluation.classifier_features}
+      extractor: {_target_: fastsample.lit.loading.classifier_features}
       reference: null          # null: built from the datamodule's test split at fit start
 """
 
@@ -28,11 +28,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from fastsample.evaluation import Evaluator, read_reference, save_reference_file
+from fastsample.lit.loading import classifier_features
 from fastsample.metrics import FeatureExtractor
+from fastsample.metrics.evaluator import Evaluator, read_reference, save_reference_file
 from fastsample.metrics.features import eval_mode
 from fastsample.samplers import Sampler
 from fastsample.utils.errors import check_range, fail
+from fastsample.utils.instantiation import instantiate
 
 
 class FIDCallback(pl.Callback):
@@ -84,11 +86,7 @@ class FIDCallback(pl.Callback):
         if isinstance(config, FeatureExtractor):
             return config
         if config is None:
-            from fastsample.evaluation import classifier_features
-
             return classifier_features()
-        from fastsample.utils.instantiation import instantiate
-
         extractor = instantiate(config)
         if not isinstance(extractor, FeatureExtractor):
             fail(f"callbacks.fid.extractor built a {type(extractor).__name__}, not a feature extractor")

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fastsample.lit.tracking import sweep_group
 from fastsample.utils.errors import fail
 from fastsample.utils.instantiation import instantiate
-
-if TYPE_CHECKING:
-    from fastsample.sampling import SamplingPlan
 
 Work = Callable[[list[int], torch.device], Any]
 
@@ -168,10 +166,6 @@ def check_launcher(trainer: pl.Trainer) -> None:
       line, i.e. the whole sweep, in every child process. Under SLURM (one task per GPU, e.g.
       ``hydra/launcher=slurm``) or torchrun the processes exist already and nothing is relaunched.
     """
-    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-
-    from fastsample.tracking import sweep_group
-
     launcher = trainer.strategy.launcher
     if isinstance(launcher, _MultiProcessingLauncher) and not launcher.is_interactive_compatible:
         fail(
@@ -188,153 +182,3 @@ def check_launcher(trainer: pl.Trainer) -> None:
             "sweep in each process; run the sweep with hydra/launcher=slurm (one task per GPU) or one "
             "distributed job at a time without -m"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# sample.py trainer=...
-
-
-def generate_distributed(cfg: DictConfig) -> dict[str, Any] | None:
-    """:func:`fastsample.sampling.generate` over Lightning processes; rank 0 returns the summary.
-
-    The outputs are those of a single-process run with the same settings (the same shard files,
-    ``samples.npz``, ``grid.png``); ``run.json`` adds ``world_size`` and the batches per rank.
-    Other ranks return ``None``.
-    """
-    from fastsample.guidance import GuidanceTask
-    from fastsample.sampling import describe_run, generate_batch, plan_sampling, save_shard, shard_path
-
-    trainer = build_trainer(cfg.trainer)
-    plan = plan_sampling(cfg, torch.device("cpu"))  # Lightning moves the model to each rank's device
-    out_dir = Path(cfg.output_dir)
-    state: dict[str, Any] = {"generated": 0, "run_state": None}
-
-    def start(module: SeedBatchModule) -> None:
-        if module.global_rank == 0:  # one writer of run_state.json; the others wait at the barrier
-            from fastsample.utils.run_state import claim_sample_dir
-
-            planned = {shard: len(batch) for shard, batch in zip(plan.shards(), plan.batches)}
-            state["run_state"] = claim_sample_dir(cfg, out_dir, planned)
-
-    def work(seeds: list[int], device: torch.device) -> None:
-        shard = shard_path(plan.shard_dir, seeds)
-        if shard.exists():
-            return  # finished by an earlier, interrupted run of the same config
-        labels = plan.batch_labels(seeds)
-        # plan.model is the module Lightning moved to this rank's device (in place)
-        images = generate_batch(plan.sampler, plan.model, seeds, plan.shape, labels, plan.guidance, device)
-        save_shard(shard, images, labels, seeds)
-        state["generated"] += len(seeds)
-        if state["run_state"] is not None:
-            state["run_state"].progress()
-
-    def payload() -> dict[str, Any]:
-        costs = plan.guidance.stats.as_dict() if isinstance(plan.guidance, GuidanceTask) else {}
-        return {"generated": state["generated"], "guidance": costs}
-
-    module = SeedBatchModule(plan.model, plan.batches, work, start=start, payload=payload)
-    trainer.predict(module, return_predictions=False)
-    if not trainer.is_global_zero:
-        return None
-    return finish_sampling(cfg, plan, module, describe_run(plan.sampler, plan.model, plan.guidance), state)
-
-
-def finish_sampling(
-    cfg: DictConfig,
-    plan: SamplingPlan,
-    module: SeedBatchModule,
-    description: dict[str, Any],
-    state: dict[str, Any],
-) -> dict[str, Any]:
-    """Rank 0, after every rank's shards are written: ``samples.npz``, ``grid.png``, ``run.json``."""
-    from fastsample.sampling import save_first_grid
-    from fastsample.utils.io import write_json_atomic
-    from fastsample.utils.npz import stream_npz
-
-    out_dir = Path(cfg.output_dir)
-    shards = plan.shards()
-    stream_npz(shards, out_dir / "samples.npz")
-    save_first_grid(shards, out_dir / "grid.png", cfg.get("grid_size", 64))
-    generated = sum(rank["payload"]["generated"] for rank in module.gathered)
-    elapsed = max(rank["elapsed_s"] for rank in module.gathered)
-    summary = {
-        **description,
-        "samples": len(plan.seeds),
-        "generated_this_run": generated,
-        "wall_time_s": round(elapsed, 3),
-        "images_per_s": round(generated / elapsed, 2) if generated and elapsed > 0 else None,
-        "device": module.gathered[0]["device"],
-        "world_size": len(module.gathered),
-        "batches_per_rank": [rank["batches"] for rank in module.gathered],
-        "output_dir": str(out_dir),
-    }
-    if "guidance" in summary:  # the costs of every rank's batches, as one process would count them
-        costs = [rank["payload"]["guidance"] for rank in module.gathered]
-        summary["guidance"].update({key: sum(cost.get(key, 0) for cost in costs) for key in costs[0]})
-    write_json_atomic(out_dir / "run.json", summary)
-    if state["run_state"] is not None:
-        state["run_state"].finish()
-    return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluate.py mode=generate trainer=...
-
-
-def score_sampler_distributed(
-    trainer_cfg: DictConfig,
-    evaluator: Any,
-    model: torch.nn.Module,
-    sampler: Any,
-    seeds: Sequence[int],
-    batch_size: int,
-    *,
-    shape: Sequence[int],
-    class_labels: torch.Tensor | None = None,
-    guidance: Any = None,
-    on_batch: Callable[[torch.Tensor], None] | None = None,
-) -> dict[str, Any] | None:
-    """:meth:`Evaluator.score_sampler` over Lightning processes; rank 0 returns the scores, others ``None``.
-
-    Each rank generates its block of batches and folds the features into its own accumulator; the
-    accumulators are merged in rank order, so the statistics (and the kept rows KID / PR / IS use)
-    are those of one process up to float64 rounding. ``on_batch`` sees rank 0's images (the first
-    seeds), e.g. for the preview grid.
-    """
-    from fastsample.metrics.stats import FeatureStats, merge_states
-    from fastsample.sampling import generate_batch
-
-    seeds = [int(seed) for seed in seeds]
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-    position = {seed: i for i, seed in enumerate(seeds)}
-    stats = FeatureStats(evaluator.keep_features, evaluator.keep_logits)
-    timer = {"sampling_s": 0.0}
-
-    def start(module: SeedBatchModule) -> None:
-        evaluator.extractor = evaluator.extractor.to(module.device)
-
-    def work(chunk: list[int], device: torch.device) -> None:
-        labels = None if class_labels is None else class_labels[[position[seed] for seed in chunk]]
-        begin = time.perf_counter()
-        images = generate_batch(sampler, model, chunk, tuple(shape), labels, guidance, device)
-        if device.type == "cuda":  # time the sampling, not the launch of its kernels
-            torch.cuda.synchronize(device)
-        timer["sampling_s"] += time.perf_counter() - begin
-        if on_batch is not None and module.global_rank == 0:
-            on_batch(images)
-        stats.merge(evaluator.features([images.float()], what=f"samples of {sampler.name}"))
-
-    def payload() -> dict[str, Any]:
-        return {"stats": stats.state_dict(), "sampling_s": timer["sampling_s"]}
-
-    module = SeedBatchModule(model, batches, work, start=start, payload=payload)
-    trainer = build_trainer(trainer_cfg)
-    trainer.predict(module, return_predictions=False)
-    if not trainer.is_global_zero:
-        return None
-    merged = merge_states(rank["payload"]["stats"] for rank in module.gathered)
-    # The ranks sample in parallel: the sampling time of the run is the slowest rank's.
-    sampling_s = max(rank["payload"]["sampling_s"] for rank in module.gathered)
-    results = evaluator.sampler_scores(merged, sampler, seeds, class_labels, sampling_s)
-    results["world_size"] = len(module.gathered)
-    return results

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +9,17 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastsample.lit.classifier import LR_SCHEDULES, lr_factor
-from fastsample.models.vae import ConvVAE, gaussian_nll, kl_to_standard_normal
+from fastsample.lit.optim import LR_SCHEDULES, configure_optimizers
+from fastsample.models.vae import ConvVAE, export_vae, gaussian_nll, kl_to_standard_normal
 from fastsample.utils.errors import check_choice, check_range
+from fastsample.utils.images import grid, save_png, to_uint8
 from fastsample.utils.instantiation import instantiate
 
 
 class VAEModule(pl.LightningModule):
     """The negative ELBO ``NLL(x | z) + beta * KL(q(z | x) || N(0, I))``, per pixel.
 
-    ``net`` is the VAE's config (``_target_`` + arguments, e.g. conf/model/net/vae_fmnist.yaml),
+    ``net`` is the VAE's config (``_target_`` + arguments, e.g. conf/net/vae_fmnist.yaml),
     instantiated here so checkpoints carry it. ``decoder_std=null`` uses the calibrated Gaussian
     decoder (its variance is the batch MSE), a number fixes it. ``kl_warmup_steps`` ramps ``beta``
     up linearly from 0 (avoids early posterior collapse). Logs ``train/loss``, ``train/mse``,
@@ -94,8 +94,6 @@ class VAEModule(pl.LightningModule):
             return
         if not self.trainer.is_global_zero:
             return
-        from fastsample.utils.images import grid, save_png, to_uint8
-
         with torch.no_grad():
             generator = torch.Generator().manual_seed(0)
             z = torch.randn(self.hparams.grid_samples, self.vae.latent_dim, generator=generator)
@@ -107,19 +105,17 @@ class VAEModule(pl.LightningModule):
         save_png(picture, root / "grids" / f"vae-step-{self.global_step:07d}.png")
 
     def export(self, path: Any) -> Any:
-        """Write the VAE as a bundle for :func:`fastsample.models.vae.load_vae` / ``generator=vae``."""
-        from fastsample.models.vae import export_vae
-
+        """Write the VAE as a bundle for :func:`fastsample.lit.loading.load_vae` / ``generator=vae``."""
         return export_vae(self, path)
 
     def configure_optimizers(self) -> Any:
         """Adam; a linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at the end."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.vae.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.warmup_steps and hp.lr_schedule == "constant":
-            return optimizer
-        total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_factor, warmup=hp.warmup_steps, total=total)
+        return configure_optimizers(
+            self,
+            self.vae.parameters(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            lr_schedule=hp.lr_schedule,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

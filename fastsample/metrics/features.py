@@ -40,13 +40,13 @@ from torch import nn
 
 from fastsample.metrics.stats import ArrayLike, FeatureStats
 from fastsample.utils.errors import check_choice, fail
+from fastsample.utils.hashing import HASH_LENGTH, module_hash  # module_hash re-exported: metrics API
 from fastsample.utils.images import to_uint8
 from fastsample.utils.io import atomic_path
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "FASTSAMPLE_INCEPTION"
 INCEPTION_MODES = {"clean": "inception-v3-clean", "legacy_tensorflow": "inception-v3-legacy-tf"}
-HASH_LENGTH = 12
 
 Output = dict[str, torch.Tensor | None]
 
@@ -159,7 +159,7 @@ class CleanFIDInception(FeatureExtractor):
         self, mode: str = "clean", weights_path: str | os.PathLike | None = None, download: bool = True
     ) -> None:
         super().__init__()
-        check_choice("metrics.inception.mode", mode, INCEPTION_MODES)
+        check_choice("features.mode", mode, INCEPTION_MODES)
         self.mode = mode
         self.name = INCEPTION_MODES[mode]
         self.weights_path = None if weights_path is None else Path(weights_path)
@@ -224,7 +224,7 @@ def inception_weights(explicit: Path | None = None, download: bool = True) -> Pa
     ``download``, downloaded atomically) where clean-fid keeps it, so both share one copy.
     """
     env = os.environ.get(INCEPTION_ENV)
-    for given, setting in ((explicit, "metrics.inception.weights_path"), (env, f"${INCEPTION_ENV}")):
+    for given, setting in ((explicit, "features.weights_path"), (env, f"${INCEPTION_ENV}")):
         if given:
             if not Path(given).is_file():
                 fail(f"{setting}={str(given)!r}: no such file (expected clean-fid's {INCEPTION_FILE})")
@@ -242,7 +242,7 @@ def inception_weights(explicit: Path | None = None, download: bool = True) -> Pa
             reason = f"download failed: {err}"
     fail(
         f"Inception weights {INCEPTION_FILE} not found and {reason}; fetch {url} on a connected machine "
-        f"and put it at {default} or point ${INCEPTION_ENV} (or metrics.inception.weights_path) to it"
+        f"and put it at {default} or point ${INCEPTION_ENV} (or features.weights_path) to it"
     )
 
 
@@ -268,24 +268,6 @@ def file_hash(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # User networks
-
-
-def module_hash(module: nn.Module, dtype: torch.dtype | None = None) -> str:
-    """Short sha256 of a module's state dict (names, dtypes, shapes and values).
-
-    With ``dtype`` floating-point tensors are hashed as that dtype, whatever they are stored in, so a
-    model and its ``.double()`` copy share one hash (how learned samplers identify their backbone).
-    """
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = value.detach().cpu().contiguous()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:HASH_LENGTH]
 
 
 class ModuleFeatures(FeatureExtractor):

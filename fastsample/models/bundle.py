@@ -1,17 +1,19 @@
 """Exported model bundles: weights + the network config + how to call it, in one file.
 
-``sample.py model=from_checkpoint model.path=...`` loads a diffusion bundle (``.pt``) or a Lightning
-checkpoint (``.ckpt``) of the diffusion task into a ready denoiser; :func:`load_classifier` does the
-same for the classifier task (a :class:`~fastsample.models.sigma_classifier.SigmaClassifier`).
-:func:`load_asset` loads either kind from the models shipped in ``fastsample/assets`` (``make pretrain``).
+A bundle (``.pt``, written by ``train.py`` as ``model.pt`` or shipped in ``fastsample/assets``) is
+self-contained: :func:`load_bundle` rebuilds a diffusion bundle as a ready denoiser,
+:func:`load_classifier` a classifier bundle as a
+:class:`~fastsample.models.sigma_classifier.SigmaClassifier`, and :func:`load_asset` either kind from
+the shipped models (``make pretrain``). Lightning checkpoints (``.ckpt``) are read one layer up, through
+the LightningModules, by :mod:`fastsample.lit.loading` (which also accepts bundles): this module knows
+no Lightning.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -41,7 +43,12 @@ def export_bundle(module: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _read(path: Path, setting: str = "model.path") -> dict[str, Any]:
+# -- reading files (shared with fastsample.lit.loading and fastsample.models.vae) -----------------------
+
+
+def read_model_file(path: Path, setting: str = "model.path") -> dict[str, Any]:
+    """The content of a bundle or Lightning checkpoint; a missing, unreadable or foreign file fails
+    with a :class:`UserError` naming ``setting``."""
     if not path.is_file():
         fail(
             f"{setting}={str(path)!r} does not exist; give an exported bundle (.pt) or a Lightning "
@@ -56,7 +63,13 @@ def _read(path: Path, setting: str = "model.path") -> dict[str, Any]:
     return content
 
 
-def _load_weights(net: torch.nn.Module, state_dict: dict[str, Any], path: Path, setting: str) -> None:
+def is_bundle(content: dict[str, Any]) -> bool:
+    """Whether ``content`` (of :func:`read_model_file`) is an exported bundle of any kind; Lightning
+    checkpoints carry no ``format`` record."""
+    return content.get("format") is not None
+
+
+def load_weights(net: torch.nn.Module, state_dict: dict[str, Any], path: Path, setting: str) -> None:
     """``load_state_dict``, failing with the first mismatch when the weights are another architecture's."""
     try:
         net.load_state_dict(state_dict)
@@ -66,60 +79,8 @@ def _load_weights(net: torch.nn.Module, state_dict: dict[str, Any], path: Path, 
         fail(f"{setting}={str(path)!r} does not fit the network it describes ({first})")
 
 
-def _task_hparams(
-    checkpoint: dict[str, Any], path: Path, setting: str, module_class: type, task: str
-) -> dict[str, Any]:
-    """A Lightning checkpoint's hyper-parameters, checked to be those of ``module_class``."""
-    hp = dict(checkpoint.get("hyper_parameters") or {})
-    allowed = set(inspect.signature(module_class.__init__).parameters) - {"self"}
-    if "net" not in hp or set(hp) - allowed:
-        fail(
-            f"{setting}={str(path)!r} is not a checkpoint of task={task} "
-            f"(hyper-parameters: {sorted(hp) or 'none'})"
-        )
-    return hp
-
-
-def _from_lightning(checkpoint: dict[str, Any], path: Path, setting: str = "model.path") -> dict[str, Any]:
-    """Turn a DiffusionModule checkpoint into bundle form (EMA weights)."""
-    from fastsample.lit.diffusion import DiffusionModule
-
-    hp = _task_hparams(checkpoint, path, setting, DiffusionModule, "diffusion")
-    module = DiffusionModule(**hp)
-    _load_weights(module, checkpoint["state_dict"], path, setting)
-    return {
-        "net": hp["net"],
-        "parametrization": module.parametrization(),
-        "num_classes": module.num_classes,
-        "image_shape": module.image_shape,
-        "state_dict": module.ema.module.state_dict(),
-    }
-
-
-def load_bundle(path: str | os.PathLike, **overrides: Any) -> Denoiser:
-    """Load a bundle or Lightning checkpoint as a denoiser; ``overrides`` adjust the parametrization."""
-    path = Path(path)
-    return _denoiser(_read(path), path, "model.path", overrides)
-
-
-def _denoiser(content: dict[str, Any], path: Path, setting: str, overrides: dict[str, Any]) -> Denoiser:
-    if content.get("format") == CLASSIFIER_FORMAT:
-        fail(
-            f"{setting}={str(path)!r} is a classifier bundle (task=classifier), not a diffusion model; "
-            "use it as a guidance classifier or metric feature network (load_classifier)"
-        )
-    if content.get("format") != BUNDLE_FORMAT:
-        content = _from_lightning(content, path, setting)
-    net = _instantiate_net(content, path, setting)
-    _load_weights(net, content["state_dict"], path, setting)
-    image_shape = tuple(content["image_shape"]) if content.get("image_shape") else None
-    denoiser = wrap_network(
-        net, {**content["parametrization"], **overrides}, image_shape, content.get("num_classes")
-    )
-    return denoiser.eval().requires_grad_(False)
-
-
-def _instantiate_net(content: dict[str, Any], path: Path, setting: str) -> torch.nn.Module:
+def instantiate_net(content: dict[str, Any], path: Path, setting: str) -> torch.nn.Module:
+    """The (untrained) network of a bundle's ``net`` config; an unbuildable config fails naming the file."""
     config = content.get("net")
     if not isinstance(config, dict) or "_target_" not in config:
         fail(f"{setting}={str(path)!r} has no network config (net._target_) inside")
@@ -129,6 +90,53 @@ def _instantiate_net(content: dict[str, Any], path: Path, setting: str) -> torch
         raise
     except Exception as err:  # e.g. a _target_ that does not exist in this version
         fail(f"{setting}={str(path)!r}: its network config {config['_target_']} cannot be built ({err})")
+
+
+def _not_a_bundle(path: Path, setting: str, loader: str) -> NoReturn:
+    """Fail for a Lightning checkpoint handed to a bundle-only loader."""
+    fail(
+        f"{setting}={str(path)!r} is a Lightning checkpoint, not an exported bundle; "
+        f"load it with fastsample.lit.loading.{loader}"
+    )
+
+
+# -- denoisers ----------------------------------------------------------------------------------------
+
+
+def load_bundle(path: str | os.PathLike, **overrides: Any) -> Denoiser:
+    """Load a diffusion bundle as a denoiser; ``overrides`` adjust the parametrization.
+
+    Bundles only: a Lightning checkpoint (``.ckpt``) loads with
+    :func:`fastsample.lit.loading.load_denoiser` (``model=from_checkpoint``).
+    """
+    path = Path(path)
+    return denoiser_from_content(read_model_file(path), path, "model.path", overrides)
+
+
+def denoiser_from_content(
+    content: dict[str, Any], path: Path, setting: str, overrides: dict[str, Any]
+) -> Denoiser:
+    """A frozen, eval-mode denoiser from a diffusion bundle's content (or a checkpoint's, in bundle form).
+
+    ``content`` holds ``net``, ``parametrization``, ``image_shape``, ``num_classes`` and ``state_dict``.
+    """
+    kind = content.get("format")
+    if kind == CLASSIFIER_FORMAT:
+        fail(
+            f"{setting}={str(path)!r} is a classifier bundle (task=classifier), not a diffusion model; "
+            "use it as a guidance classifier or metric feature network (load_classifier)"
+        )
+    if kind is None:
+        _not_a_bundle(path, setting, "load_denoiser")
+    if kind != BUNDLE_FORMAT:
+        fail(f"{setting}={str(path)!r} is a {kind} file, not a diffusion model bundle")
+    net = instantiate_net(content, path, setting)
+    load_weights(net, content["state_dict"], path, setting)
+    image_shape = tuple(content["image_shape"]) if content.get("image_shape") else None
+    denoiser = wrap_network(
+        net, {**content["parametrization"], **overrides}, image_shape, content.get("num_classes")
+    )
+    return denoiser.eval().requires_grad_(False)
 
 
 # -- classifiers --------------------------------------------------------------------------------------
@@ -154,32 +162,32 @@ def export_classifier(module: Any, path: str | os.PathLike) -> Path:
 
 
 def load_classifier(path: str | os.PathLike, setting: str = "classifier.path") -> SigmaClassifier:
-    """Load a classifier bundle (or a classifier-task ``.ckpt``) as ``classifier(x, sigma) -> logits``.
+    """Load a classifier bundle as ``classifier(x, sigma) -> logits``.
 
     Eval mode, parameters frozen (gradients still flow to the input, for guidance). A diffusion bundle,
-    another task's checkpoint, a foreign or truncated file fail with a :class:`UserError` naming ``setting``.
+    a foreign or truncated file fail with a :class:`UserError` naming ``setting``. Bundles only: a
+    ``task=classifier`` checkpoint loads with :func:`fastsample.lit.loading.load_classifier`.
     """
     path = Path(path)
-    return _classifier(_read(path, setting), path, setting)
+    return classifier_from_content(read_model_file(path, setting), path, setting)
 
 
-def _classifier(content: dict[str, Any], path: Path, setting: str) -> SigmaClassifier:
-    if content.get("format") == BUNDLE_FORMAT:
+def classifier_from_content(content: dict[str, Any], path: Path, setting: str) -> SigmaClassifier:
+    """A frozen, eval-mode :class:`SigmaClassifier` from a classifier bundle's content."""
+    kind = content.get("format")
+    if kind == BUNDLE_FORMAT:
         fail(
             f"{setting}={str(path)!r} is a diffusion model bundle, not a classifier; train one with "
             "train.py task=classifier (or experiment=pretrain_classifier)"
         )
-    if content.get("format") != CLASSIFIER_FORMAT:
-        from fastsample.lit.classifier import ClassifierModule
-
-        hp = _task_hparams(content, path, setting, ClassifierModule, "classifier")
-        module = ClassifierModule(**hp)
-        _load_weights(module, content["state_dict"], path, setting)
-        return module.classifier().eval().requires_grad_(False)
+    if kind is None:
+        _not_a_bundle(path, setting, "load_classifier")
+    if kind != CLASSIFIER_FORMAT:
+        fail(f"{setting}={str(path)!r} is a {kind} file, not a classifier bundle")
     if not isinstance(content.get("input"), dict):
         fail(f"{setting}={str(path)!r} has no input convention record; re-export it with this version")
-    net = _instantiate_net(content, path, setting)
-    _load_weights(net, content["state_dict"], path, setting)
+    net = instantiate_net(content, path, setting)
+    load_weights(net, content["state_dict"], path, setting)
     return SigmaClassifier(net, content["input"]).eval().requires_grad_(False)
 
 
@@ -205,11 +213,12 @@ def asset_path(name: str) -> Path:
 def load_asset(name: str, **overrides: Any) -> Denoiser | SigmaClassifier:
     """Load shipped model ``name`` (e.g. ``fmnist_diffusion.pt``): a denoiser or a classifier, by content.
 
-    ``overrides`` adjust a diffusion model's parametrization (as in :func:`load_bundle`).
+    Shipped models are bundles. ``overrides`` adjust a diffusion model's parametrization (as in
+    :func:`load_bundle`).
     """
     path = asset_path(name)
     setting = "asset"
-    content = _read(path, setting)
+    content = read_model_file(path, setting)
     if content.get("format") == CLASSIFIER_FORMAT:
-        return _classifier(content, path, setting)
-    return _denoiser(content, path, setting, overrides)
+        return classifier_from_content(content, path, setting)
+    return denoiser_from_content(content, path, setting, overrides)

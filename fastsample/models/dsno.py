@@ -21,7 +21,9 @@ The knowledge-distillation baseline (Luhman & Luhman 2021) is the same class wit
 and with the single output time ``sigma = 0``.
 
 Bundles (:func:`export_operator` / :func:`load_operator`) hold the backbone's network config, the
-operator's settings, its output levels, the teacher's identity and the (EMA) weights.
+operator's settings, its output levels, the teacher's identity and the (EMA) weights. The training
+loss on teacher trajectories (:func:`dsno_loss` with :func:`point_weights`) is plain code here too;
+``fastsample.lit.dsno`` drives it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ OPERATOR_FORMAT = "fastsample-dsno-v1"
 ACTIVATIONS = ("leaky_relu", "gelu", "silu", "identity")
 MODES = ("dsno", "kd")
 TIME_EMBEDDINGS = ("output", "start")
+LOSSES = ("l2", "l1")
+WEIGHTINGS = ("alpha_sigma", "uniform", "final")
 
 
 class SpectralTimeConv(nn.Module):
@@ -324,7 +328,7 @@ def load_backbone_weights(operator: DSNOOperator, teacher_net: nn.Module, settin
         )
         fail(
             f"{setting} does not match the teacher's network ({first}); set {setting} to the teacher's "
-            "architecture (e.g. model/net@task.net=unet_fmnist for the shipped model)"
+            "architecture (e.g. net@task.net=unet_fmnist for the shipped model)"
         )
     wrapped = {plain_name(name): name for name in operator.backbone.state_dict() if is_teacher(name)}
     with torch.no_grad():
@@ -356,6 +360,42 @@ def teacher_record(model: nn.Module) -> dict[str, Any]:
         "sigma_max": float(getattr(model, "sigma_max", 80.0)),
         "sigma_data": float(getattr(model, "sigma_data", 0.5)),
     }
+
+
+# -- the training loss ------------------------------------------------------------------------------
+
+
+def point_weights(
+    sigmas: Tensor, weighting: str = "alpha_sigma", low: float = 1.0, high: float = 1e4
+) -> Tensor:
+    """Weights of the output levels ``sigmas``: ``clamp(1 / sigma, low, high)`` (VP alpha / sigma),
+    ``uniform`` (all 1) or ``final`` (only the last point)."""
+    check_choice("task.weighting", weighting, WEIGHTINGS)
+    sigmas = sigmas.double()
+    if weighting == "uniform":
+        return torch.ones_like(sigmas)
+    if weighting == "final":
+        return torch.nn.functional.one_hot(torch.tensor(len(sigmas) - 1), len(sigmas)).double()
+    ratio = torch.where(sigmas > 0, 1 / sigmas.clamp(min=1e-30), torch.full_like(sigmas, float("inf")))
+    return ratio.clamp(low, high)
+
+
+def dsno_loss(
+    predicted: Tensor, target: Tensor, sigmas: Tensor, weights: Tensor, loss: str = "l2"
+) -> tuple[Tensor, Tensor]:
+    """Weighted trajectory loss: ``sum_m w_m d(x_m, x_m*) / sum_m w_m`` and the per-point terms.
+
+    ``predicted`` / ``target``: ``(B, M, ...)`` states at ``sigmas`` (sigma space); both are scaled to
+    the VP range ``x / sqrt(1 + sigma^2)`` first. ``d`` is the mean squared (``l2``) or absolute
+    (``l1``) error per point.
+    """
+    check_choice("task.loss", loss, LOSSES)
+    scale = (1 + sigmas.to(predicted.device, predicted.dtype) ** 2).rsqrt()
+    scale = scale.reshape(1, -1, *([1] * (predicted.ndim - 2)))
+    diff = (predicted - target) * scale
+    per_point = (diff.square() if loss == "l2" else diff.abs()).flatten(2).mean(dim=(0, 2))
+    weights = weights.to(per_point.device, per_point.dtype)
+    return (weights * per_point).sum() / weights.sum(), per_point
 
 
 def build_operator(net: dict, settings: dict[str, Any]) -> DSNOOperator:

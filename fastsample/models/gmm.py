@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from fastsample.diffusion.denoiser import Denoiser
 from fastsample.utils.errors import check_choice, check_range, fail
@@ -318,8 +319,6 @@ def fit_from_datamodule(
 
 def _training_arrays(datamodule: Any, subset: int | None) -> tuple[Tensor, Tensor]:
     """All (or the first ``subset``) training images and labels of a DataModule."""
-    from torch.utils.data import DataLoader
-
     images, labels = [], []
     for batch_images, batch_labels in DataLoader(datamodule.dataset("train"), batch_size=4096):
         images.append(batch_images)

@@ -7,7 +7,8 @@ sizes such as 28 -> 14 -> 7 -> 4 work too). Images are in [-1, 1]; the decoder r
 Gaussian likelihood, unconstrained (the loss) or clamped to [-1, 1] (:meth:`ConvVAE.generate`).
 
 Exported bundles (``train.py task=vae`` writes ``model.pt``) hold the network config and weights;
-:func:`load_vae` rebuilds the network from one (or from a ``task=vae`` Lightning checkpoint).
+:func:`load_vae` rebuilds the network from one (a ``task=vae`` Lightning checkpoint loads through
+:func:`fastsample.lit.loading.load_vae`, which also takes bundles).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastsample.models.bundle import instantiate_net, load_weights, read_model_file
 from fastsample.utils.errors import check_range, fail
 from fastsample.utils.io import save_torch_atomic
 
@@ -159,20 +161,24 @@ def export_vae(module: Any, path: str | os.PathLike) -> Path:
 
 
 def load_vae(path: str | os.PathLike, setting: str = "prior.path") -> ConvVAE:
-    """A VAE bundle (or a ``task=vae`` Lightning checkpoint) as an eval-mode, frozen :class:`ConvVAE`."""
-    from fastsample.models.bundle import _instantiate_net, _load_weights, _read, _task_hparams
+    """A VAE bundle as an eval-mode, frozen :class:`ConvVAE`.
 
+    Bundles only: a ``task=vae`` Lightning checkpoint loads with :func:`fastsample.lit.loading.load_vae`.
+    """
     path = Path(path)
-    content = _read(path, setting)
-    kind = content.get("format")
-    if kind is not None and kind != VAE_FORMAT:
-        fail(f"{setting}={str(path)!r} is a {kind} file, not a VAE; train one with train.py task=vae")
-    if kind is None:  # a Lightning checkpoint of task=vae
-        from fastsample.lit.vae import VAEModule
+    return vae_from_content(read_model_file(path, setting), path, setting)
 
-        module = VAEModule(**_task_hparams(content, path, setting, VAEModule, "vae"))
-        _load_weights(module, content["state_dict"], path, setting)
-        return module.vae.eval().requires_grad_(False)
-    net = _instantiate_net(content, path, setting)
-    _load_weights(net, content["state_dict"], path, setting)
+
+def vae_from_content(content: dict[str, Any], path: Path, setting: str) -> ConvVAE:
+    """A frozen, eval-mode :class:`ConvVAE` from a VAE bundle's content."""
+    kind = content.get("format")
+    if kind is None:
+        fail(
+            f"{setting}={str(path)!r} is a Lightning checkpoint, not an exported bundle; "
+            "load it with fastsample.lit.loading.load_vae"
+        )
+    if kind != VAE_FORMAT:
+        fail(f"{setting}={str(path)!r} is a {kind} file, not a VAE; train one with train.py task=vae")
+    net = instantiate_net(content, path, setting)
+    load_weights(net, content["state_dict"], path, setting)
     return net.eval().requires_grad_(False)

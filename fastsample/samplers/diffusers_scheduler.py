@@ -45,7 +45,7 @@ from fastsample.models.diffusers_adapter import (
     scheduler_class,
     scheduler_settings,
 )
-from fastsample.samplers.common import BoundModel, Callback, GuidanceFn, bind, guard_states, report
+from fastsample.samplers.common import BoundModel, Callback, GuidanceFn, bind, report
 from fastsample.samplers.registry import SamplerSpec
 from fastsample.samplers.sampler import Sampler, _plain
 from fastsample.utils.errors import check_choice, check_range, fail
@@ -310,64 +310,50 @@ class DiffusersSampler(Sampler):
         """Where the scheduler's steps land for ``model`` (``steps + 1`` levels ending at 0)."""
         return step_grid(self.scheduler(model), self.steps)
 
-    def run(
-        self,
-        denoiser: Any,
-        x: Tensor,
-        sigmas: Tensor,
-        *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
-        grad: bool = False,
-    ) -> Tensor:
-        """Run the scheduler from ``x`` at ``sigmas[0]``; ``sigmas`` must be :meth:`sigmas`' grid."""
-        instance = self.scheduler(denoiser, x.device)
-        check_grid(instance, sigmas)
-        return self._loop(
-            denoiser, to_latents(instance, x), instance, cond, guidance, generator, callback, grad
-        )
+    # -- the hooks of BaseSampler: the scheduler steps its own latents ----------------------------
+    def _sampling_sigmas(self, denoiser: Any, sigmas: Tensor | None) -> Tensor | None:
+        # None: the scheduler's own timesteps, with no grid to check them against
+        return sigmas
 
-    def sample(
+    def _start(
         self,
         denoiser: Any,
         noise: Tensor,
+        sigmas: Tensor | None,
         *,
         cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
         generator: Any = None,
-        callback: Callback | None = None,
-        sigmas: Tensor | None = None,
-        grad: bool = False,
     ) -> Tensor:
-        """Sample from standard normal ``noise`` as the diffusers pipelines do."""
-        instance = self.scheduler(denoiser, noise.device)
-        if sigmas is not None:
-            check_grid(instance, sigmas)
-        latents = noise * instance.init_noise_sigma
-        return self._loop(denoiser, latents, instance, cond, guidance, generator, callback, grad)
+        """The latents the diffusers pipelines start from: ``noise * init_noise_sigma``."""
+        return noise * self.scheduler(denoiser, noise.device).init_noise_sigma
 
-    def _loop(
+    def _enter(self, denoiser: Any, x: Tensor, sigmas: Tensor) -> Tensor:
+        """A sigma-space state at ``sigmas[0]`` as the scheduler's latents."""
+        return to_latents(self.scheduler(denoiser, x.device), x)
+
+    def _integrate(
         self,
         denoiser: Any,
-        latents: Tensor,
-        instance: Any,
+        x: Tensor,
+        sigmas: Tensor | None,
+        *,
         cond: dict | None,
         guidance: GuidanceFn | None,
         generator: Any,
-        callback: Callback | None,
-        grad: bool,
+        callback: Callback,
     ) -> Tensor:
-        with torch.set_grad_enabled(grad or torch.is_grad_enabled() and latents.requires_grad):
-            return scheduler_loop(
-                bind(denoiser, cond, guidance),
-                latents,
-                instance,
-                step_kwargs=self.knobs["step_kwargs"],
-                generator=generator,
-                callback=guard_states(callback),
-            )
+        """The pipeline loop from latents ``x``; ``sigmas``, if given, must be :meth:`sigmas`' grid."""
+        instance = self.scheduler(denoiser, x.device)
+        if sigmas is not None:
+            check_grid(instance, sigmas)
+        return scheduler_loop(
+            bind(denoiser, cond, guidance),
+            x,
+            instance,
+            step_kwargs=self.knobs["step_kwargs"],
+            generator=generator,
+            callback=callback,
+        )
 
     def __repr__(self) -> str:
         return f"DiffusersSampler({self.knobs['scheduler']!r}, steps={self.steps}, nfe={self.nfe})"

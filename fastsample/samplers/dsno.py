@@ -5,11 +5,13 @@
 ``sigma_0 * noise`` and returns the operator's last frame (sigma = 0). ``model`` is not called; it is
 checked to be the teacher the operator was distilled from (weights fingerprint), so a FID row never
 pairs an operator with the wrong model's label set or shape. Guidance cannot be applied (there are no
-solver steps to add it to) and is refused.
+solver steps to add it to) and is refused. Like every sampler it runs through
+:class:`~fastsample.samplers.base.BaseSampler`: a non-finite output is a NumericalError.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -19,10 +21,12 @@ from torch import Tensor
 from fastsample.diffusion.denoiser import CountingDenoiser
 from fastsample.diffusion.schedules import ScheduleSpec
 from fastsample.models.dsno import fingerprint, load_operator
+from fastsample.samplers.base import BaseSampler
+from fastsample.samplers.common import Callback, GuidanceFn
 from fastsample.utils.errors import fail
 
 
-class DSNOSampler:
+class DSNOSampler(BaseSampler):
     """A trained operator as a sampler: NFE = 1 (one forward of the operator network per batch).
 
     Args:
@@ -87,34 +91,43 @@ class DSNOSampler:
                 )
         self._checked.add(id(model))
 
-    def sample(
+    # -- the hooks of BaseSampler -------------------------------------------------------------------
+    def _sampling_sigmas(self, denoiser: Any, sigmas: Tensor | None) -> Tensor:
+        # the operator was trained from sigma_0 only: a configured schedule does not apply to it
+        return self.sigmas(denoiser)
+
+    def _integrate(
         self,
         denoiser: Any,
-        noise: Tensor,
+        x: Tensor,
+        sigmas: Tensor,
         *,
-        cond: dict | None = None,
-        guidance: Any = None,
-        generator: Any = None,
-        callback: Any = None,
-        sigmas: Tensor | None = None,
-        grad: bool = False,
+        cond: dict | None,
+        guidance: GuidanceFn | None,
+        generator: Any,
+        callback: Callback,
     ) -> Tensor:
-        """The samples of standard normal ``noise``: the operator's final frame from ``sigma_0 * noise``."""
+        """The operator's final frame from ``x`` at ``sigma_0`` (``model`` is only checked, not called)."""
         if guidance is not None:
             fail(
                 "sampler=dsno generates in one network evaluation and cannot apply guidance; "
                 "use guidance=none"
             )
+        start = float(self.operator.sigmas[0])
+        if (
+            len(sigmas) != 2
+            or float(sigmas[-1]) != 0
+            or not math.isclose(float(sigmas[0]), start, rel_tol=1e-6)
+        ):
+            fail(
+                f"sampler=dsno runs from its operator's sigma_0 = {start:.6g} to 0 only, not on another grid"
+            )
         self.check_teacher(denoiser)
         labels = (cond or {}).get("class_labels")
-        operator = self.operator.to(noise.device)
+        operator = self.operator.to(x.device)
         dtype = next(operator.parameters()).dtype
-        start = float(operator.sigmas[0])
-        with torch.set_grad_enabled(grad):
-            states = operator((noise * start).to(dtype), labels)
-        out = states[:, -1].to(noise.dtype)
-        if callback is not None:
-            callback({"i": 0, "sigma": start, "sigma_next": 0.0, "x": out, "denoised": out})
+        out = operator(x.to(dtype), labels)[:, -1].to(x.dtype)
+        callback({"i": 0, "sigma": start, "sigma_next": 0.0, "x": out, "denoised": out})
         return out
 
     def __repr__(self) -> str:

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, default_table, make_sigmas, validate_sigmas
-from fastsample.generators import Generator, as_generator
 from fastsample.samplers.common import Callback, GuidanceFn
+from fastsample.samplers.priors import Generator, as_generator
 from fastsample.samplers.registry import SAMPLERS, get_sampler
 from fastsample.samplers.sampler import Sampler
 from fastsample.utils.errors import check_choice, check_range, fail
@@ -128,14 +128,14 @@ class ESDDPMSampler(Sampler):
         solver: any registered sampler (``ddpm``: ancestral, ``ddim``: eta = 0, ``heun``, ...).
         t_prime: the start step T' in (0, T] (see the module docstring for its sigma).
         sigma_start: the start level directly (continuous schedules; overrides ``t_prime``).
-        prior: the generator: a :class:`~fastsample.generators.Generator`, a conf/generator config
+        prior: the generator: a :class:`~fastsample.samplers.priors.Generator`, a conf/prior config
             (built on first use, so configuring a missing prior costs nothing until sampling), a
             GaussianMixture or a ``.npz`` path.
         **knobs: the solver's own settings (``eta``, ``s_noise``, ...), validated against it.
 
     :meth:`sample` draws ``x0'`` per seed (or takes an edited ``x0``), diffuses it with the given
     standard normal noise and runs the solver; ``sigmas`` / ``run`` / ``nfe`` are the solver's on
-    the truncated grid, so :func:`fastsample.sampling.generate_batch`, the Evaluator and the
+    the truncated grid, so :func:`fastsample.samplers.generation.generate_batch`, the Evaluator and the
     benchmarks use it as any other sampler.
     """
 
@@ -159,7 +159,7 @@ class ESDDPMSampler(Sampler):
             solver, steps, schedule or ScheduleSpec(kind="time_uniform", spacing="linspace"), **knobs
         )
         self.name, self.solver = name, solver
-        self.solver_knobs = dict(self.knobs)
+        self._solver_knobs = dict(self.knobs)
         if sigma_start is None:
             if t_prime is None:
                 fail(
@@ -187,7 +187,7 @@ class ESDDPMSampler(Sampler):
         self._prior_source = prior
         self._prior: Generator | None = prior if isinstance(prior, Generator) else None
         self.knobs = {
-            **self.solver_knobs,
+            **self._solver_knobs,
             "solver": solver,
             "t_prime": self.t_prime,
             "sigma_start": self.sigma_start,
@@ -270,67 +270,27 @@ class ESDDPMSampler(Sampler):
         return make_sigmas(dataclasses.replace(self.schedule, sigma_max=start), self.steps, model)
 
     # -- running ---------------------------------------------------------------------------------
+    #: ``sample(..., x0=edited)`` replaces the prior draw (latent interpolation, pastes, masks)
+    start_options = ("x0",)
+
     @property
-    def nfe(self) -> int:
-        """Diffusion-model calls per batch: the solver's for ``steps`` (the prior costs none)."""
-        return self.spec.count_nfe(self.steps, self.solver_knobs)
+    def solver_knobs(self) -> dict[str, Any]:
+        """The solver's own settings (``knobs`` also records the start level and the prior)."""
+        return self._solver_knobs
 
-    def run(
-        self,
-        denoiser: Any,
-        x: Tensor,
-        sigmas: Tensor,
-        *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
-        grad: bool = False,
-    ) -> Tensor:
-        """Run the solver from ``x`` at ``sigmas[0]`` (no prior involved: the state is given)."""
-        sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-        with torch.set_grad_enabled(grad or torch.is_grad_enabled() and x.requires_grad):
-            return self.spec.fn(
-                denoiser,
-                x,
-                sigmas,
-                cond=cond,
-                guidance=guidance,
-                generator=generator,
-                callback=callback,
-                **self.solver_knobs,
-            )
-
-    def sample(
+    def _start(
         self,
         denoiser: Any,
         noise: Tensor,
+        sigmas: Tensor,
         *,
         cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
         generator: Any = None,
-        callback: Callback | None = None,
-        sigmas: Tensor | None = None,
-        grad: bool = False,
         x0: Tensor | None = None,
     ) -> Tensor:
-        """ES-DDPM from standard normal ``noise``: ``x0' + sigma(T') * noise``, then the solver to 0.
-
-        ``x0`` replaces the prior draw (edited images: latent interpolation, pastes, masks).
-        """
-        sigmas = self.sigmas(denoiser) if sigmas is None else sigmas
+        """``x0' + sigma(T') * noise`` (ES-DDPM's start; the solver then runs from it to 0)."""
         labels = (cond or {}).get("class_labels")
-        x = self.start_state(noise, float(sigmas[0]), generator=generator, class_labels=labels, x0=x0)
-        return self.run(
-            denoiser,
-            x,
-            sigmas,
-            cond=cond,
-            guidance=guidance,
-            generator=generator,
-            callback=callback,
-            grad=grad,
-        )
+        return self.start_state(noise, float(sigmas[0]), generator=generator, class_labels=labels, x0=x0)
 
     def start_state(
         self,

@@ -48,8 +48,10 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from fastsample.diffusion.denoiser import CountingDenoiser
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas, validate_sigmas
+from fastsample.samplers.base import BaseSampler
 from fastsample.samplers.common import Callback, GuidanceFn, bind, report
 from fastsample.utils.errors import check_range, fail
+from fastsample.utils.hashing import module_hash
 from fastsample.utils.io import save_torch_atomic
 from fastsample.utils.seeding import randn_like
 
@@ -73,8 +75,6 @@ def backbone_identity(denoiser: Any) -> dict[str, Any]:
     re-read from its cache differs from the fresh fit in the last bit of its weights); a
     :class:`CountingDenoiser` is looked through.
     """
-    from fastsample.metrics.features import module_hash
-
     while isinstance(denoiser, CountingDenoiser):
         denoiser = denoiser.inner
     if not isinstance(denoiser, nn.Module):
@@ -94,11 +94,13 @@ def _schedule_spec(schedule: ScheduleSpec | dict | str | None) -> ScheduleSpec:
     return ScheduleSpec(**{key: value for key, value in dict(schedule).items() if value is not None})
 
 
-class GGDMSampler(nn.Module):
+class GGDMSampler(BaseSampler, nn.Module):
     """A K-step GGDM sampler (an ``nn.Module``: its parameters are what DDSS learns).
 
-    Used like :class:`fastsample.samplers.Sampler`: ``sample(denoiser, noise, cond=..., generator=...)``
-    starts at ``s_0 * noise``; ``nfe`` is K. Parameters are float64 (there are ``O(K^2)`` of them) and
+    Used like :class:`fastsample.samplers.Sampler` (both are
+    :class:`~fastsample.samplers.base.BaseSampler`): ``sample(denoiser, noise, cond=..., generator=...)``
+    starts at ``s_0 * noise``; ``nfe`` is K; ``sample`` / ``run`` take ``checkpoint=True`` (see
+    :meth:`_integrate`). Parameters are float64 (there are ``O(K^2)`` of them) and
     the coefficients are cast to the state's dtype, so float32 and float64 runs share one sampler.
 
     Args:
@@ -234,82 +236,76 @@ class GGDMSampler(nn.Module):
         """The current levels (float64, detached), like :meth:`Sampler.sigmas`."""
         return self.levels().detach().clone()
 
-    def run(
+    # -- the hooks of BaseSampler -------------------------------------------------------------------
+    def _start(
+        self,
+        denoiser: Any,
+        noise: Tensor,
+        sigmas: Tensor,
+        *,
+        cond: dict | None = None,
+        generator: Any = None,
+    ) -> Tensor:
+        """``s_0 * noise``. ``s_0`` is fixed, not learned: read from the buffer, as ``levels()[0]`` would
+        make the start state require grad (and so build a graph) whenever +TIME is on."""
+        return noise * self.init_sigmas[0].to(noise.dtype)
+
+    def _integrate(
         self,
         denoiser: Any,
         x: Tensor,
+        sigmas: Tensor,
         *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
+        cond: dict | None,
+        guidance: GuidanceFn | None,
+        generator: Any,
+        callback: Callback,
         checkpoint: bool = False,
     ) -> Tensor:
         """Run the K steps from ``x`` at level ``s_0``. ``checkpoint`` recomputes each model call in the
         backward pass (gradient rematerialization): memory then grows with ``K * |x|``, not with the
         network's activations.
 
+        Fails when ``denoiser`` is not the backbone the sampler was learned for. The levels are part of
+        what was learned: ``sigmas`` must be the sampler's own (:meth:`sigmas`).
+
         The combinations are sums of scalar * state products on purpose: stacking the history into one
         tensor per step would make autograd keep ``O(K^2)`` copies of the states.
         """
+        self.check_levels(sigmas)
+        self.check_backbone(denoiser)
         model = bind(denoiser, cond, guidance)
         levels, mu, nu, noise_scale = (t.to(x.dtype) for t in self.coefficients())
-        structural_nu = self.learn_pred
         states: list[Tensor] = [x]
         preds: list[Tensor] = []
         for i in range(self.steps):
-            sigma = levels[i]
             if checkpoint and torch.is_grad_enabled():
-                denoised = checkpoint_call(model, x, sigma, use_reentrant=False)
+                denoised = checkpoint_call(model, x, levels[i], use_reentrant=False)
             else:
-                denoised = model(x, sigma)
+                denoised = model(x, levels[i])
             preds.append(denoised)
-            x = nu[i, i] * denoised
-            for j in range(i + 1):
-                x = x + mu[i, j] * states[j]
-                if structural_nu and j < i:
-                    x = x + nu[i, j] * preds[j]
+            x = self._combine(i, mu, nu, states, preds)
             if self.noise_param is not None and i < self.steps - 1:
                 x = x + noise_scale[i] * randn_like(x, generator)
             states.append(x)
             report(callback, i, levels.detach(), x, denoised)
         return x
 
-    def sample(
-        self,
-        denoiser: Any,
-        noise: Tensor,
-        *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
-        sigmas: Tensor | None = None,
-        grad: bool = False,
-        checkpoint: bool = False,
-    ) -> Tensor:
-        """Sample from standard normal ``noise`` (the interface of :meth:`Sampler.sample`).
+    def _combine(self, i: int, mu: Tensor, nu: Tensor, states: list[Tensor], preds: list[Tensor]) -> Tensor:
+        """``sum_j mu_ij x_j + sum_j nu_ij D_j`` of step ``i`` (earlier predictions only with +PRED)."""
+        x = nu[i, i] * preds[i]
+        for j in range(i + 1):
+            x = x + mu[i, j] * states[j]
+            if self.learn_pred and j < i:
+                x = x + nu[i, j] * preds[j]
+        return x
 
-        Fails when ``denoiser`` is not the backbone the sampler was learned for. The levels are part of
-        what was learned: ``sigmas``, if given, must be the sampler's own (:meth:`sigmas`).
-        """
-        if sigmas is not None:
-            own = self.levels().detach()
-            given = torch.as_tensor(sigmas, dtype=own.dtype, device=own.device)
-            if given.shape != own.shape or not torch.allclose(given, own, rtol=1e-6, atol=0):
-                fail("a GGDM sampler's levels are learned; do not pass other sigmas (sampler.schedule) to it")
-        self.check_backbone(denoiser)
-        with torch.set_grad_enabled(grad or torch.is_grad_enabled() and noise.requires_grad):
-            start = self.levels()[0].to(noise.dtype)
-            return self.run(
-                denoiser,
-                noise * start,
-                cond=cond,
-                guidance=guidance,
-                generator=generator,
-                callback=callback,
-                checkpoint=checkpoint,
-            )
+    def check_levels(self, sigmas: Tensor) -> None:
+        """Fail unless ``sigmas`` are the sampler's own levels (they are learned, not configurable)."""
+        own = self.levels().detach()
+        given = torch.as_tensor(sigmas, dtype=own.dtype, device=own.device)
+        if given.shape != own.shape or not torch.allclose(given, own, rtol=1e-6, atol=0):
+            fail("a GGDM sampler's levels are learned; do not pass other sigmas (sampler.schedule) to it")
 
     # -- backbone identity -------------------------------------------------------------------------
     def bind_backbone(self, denoiser: Any) -> GGDMSampler:

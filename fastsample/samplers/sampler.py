@@ -1,8 +1,9 @@
 """``Sampler``: a configured sampler (name, steps, schedule, knobs), what ``conf/sampler/*.yaml`` builds.
 
 It validates its settings up front (unknown knob, steps < 1, bad schedule: one clear error each),
-builds the sigma grid for a model, runs the registered function under ``no_grad`` unless asked,
-and can record the trajectory at requested sigmas.
+builds the sigma grid for a model and runs the registered function (the guarded ``sample`` / ``run``
+of :class:`~fastsample.samplers.base.BaseSampler`); :func:`sample_trajectory` records the trajectory
+at requested sigmas.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from omegaconf import Container, OmegaConf
 from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas
-from fastsample.samplers.common import Callback, GuidanceFn, guard_states
+from fastsample.samplers.base import BaseSampler
+from fastsample.samplers.common import Callback, GuidanceFn
 from fastsample.samplers.registry import SamplerSpec, get_sampler
 from fastsample.utils.errors import check_range, fail
 
@@ -34,13 +37,13 @@ def _schedule_spec(schedule: ScheduleSpec | dict | str | None) -> ScheduleSpec:
 
 def _plain(value: Any) -> Any:
     """A knob from a Hydra config as plain Python (lists / dicts such as Restart's intervals)."""
-    from omegaconf import Container, OmegaConf
-
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
 
 
-class Sampler:
-    """A sampler bound to its settings; call :meth:`sample` with a denoiser and standard normal noise."""
+class Sampler(BaseSampler):
+    """A registry sampler bound to its settings; call :meth:`sample` with a denoiser and standard normal
+    noise (:class:`~fastsample.samplers.base.BaseSampler` runs it; this class runs the registered function).
+    """
 
     def __init__(
         self, name: str, steps: int, schedule: ScheduleSpec | dict | str | None = None, **knobs: Any
@@ -63,57 +66,31 @@ class Sampler:
     @property
     def nfe(self) -> int:
         """Model calls for one batch with this step count and knobs (grid ending at sigma = 0)."""
-        return self.spec.count_nfe(self.steps, self.knobs)
+        return self.spec.count_nfe(self.steps, self.solver_knobs)
 
     def sigmas(self, model: Any) -> Tensor:
         """The float64 sigma grid for ``model``'s range."""
         return make_sigmas(self.schedule, self.steps, model)
 
-    def run(
+    @property
+    def solver_knobs(self) -> dict[str, Any]:
+        """The settings passed to the registered sampler function (all knobs here)."""
+        return self.knobs
+
+    def _integrate(
         self,
         denoiser: Any,
         x: Tensor,
         sigmas: Tensor,
         *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
-        grad: bool = False,
+        cond: dict | None,
+        guidance: GuidanceFn | None,
+        generator: Any,
+        callback: Callback,
     ) -> Tensor:
-        """Integrate from ``x`` at ``sigmas[0]`` along ``sigmas`` (any start level).
-
-        Each step's state is checked for NaN / inf (:func:`~fastsample.samplers.common.guard_states`).
-        """
+        """The registered function from ``x`` at ``sigmas[0]``, on a grid in the state's dtype / device."""
         sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-        with torch.set_grad_enabled(grad or torch.is_grad_enabled() and x.requires_grad):
-            return self.spec.fn(
-                denoiser,
-                x,
-                sigmas,
-                cond=cond,
-                guidance=guidance,
-                generator=generator,
-                callback=guard_states(callback),
-                **self.knobs,
-            )
-
-    def sample(
-        self,
-        denoiser: Any,
-        noise: Tensor,
-        *,
-        cond: dict | None = None,
-        guidance: GuidanceFn | None = None,
-        generator: Any = None,
-        callback: Callback | None = None,
-        sigmas: Tensor | None = None,
-        grad: bool = False,
-    ) -> Tensor:
-        """Sample from standard normal ``noise``: start at ``sigmas[0] * noise`` and run to sigma = 0."""
-        sigmas = self.sigmas(denoiser) if sigmas is None else sigmas
-        x = noise * float(sigmas[0])
-        return self.run(
+        return self.spec.fn(
             denoiser,
             x,
             sigmas,
@@ -121,7 +98,7 @@ class Sampler:
             guidance=guidance,
             generator=generator,
             callback=callback,
-            grad=grad,
+            **self.solver_knobs,
         )
 
     def __repr__(self) -> str:

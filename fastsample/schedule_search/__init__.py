@@ -5,7 +5,7 @@
   refinement with the real (multistep) solver.
 - :mod:`~fastsample.schedule_search.ays`: gradient descent on log-sigmas through the sampler.
 - :mod:`~fastsample.schedule_search.quality`: the same on a sample-quality objective (KID to real data).
-- :mod:`~fastsample.schedule_search.job`: ``python sample.py mode=optimize_schedule`` (writes a
+- :mod:`~fastsample.jobs.schedule_search`: ``python sample.py mode=optimize_schedule`` (writes a
   schedule file that ``sampler.schedule.kind=file`` loads).
 """
 

@@ -23,6 +23,7 @@ costs ``N`` model calls, not ``N^2 / 2``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -199,7 +200,6 @@ def gits_search(
     Returns the sigma grid (float64, ``steps + 1`` values ending at 0) and a report (the DP grid,
     costs, model calls and timings of every stage).
     """
-    import time
 
     nodes = trajectories.levels.tolist() + [0.0]
     grid_of = lambda path: torch.tensor([nodes[k] for k in path], dtype=torch.float64)  # noqa: E731

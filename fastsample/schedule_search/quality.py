@@ -3,7 +3,7 @@
 On a trained network at 5-10 steps the schedule closest to the ODE solution is not the one with the
 best FID (docs/schedules.md: on the shipped Fashion-MNIST model Karras at NFE 10 is twice as close
 to the ODE solution as at NFE 5 and scores worse). This method optimizes what is reported instead:
-the DDSS objective (:mod:`fastsample.lit.ddss`), KID between features of the sampler's output and
+the DDSS objective (:mod:`fastsample.metrics.feature_loss`), KID between features of the sampler's output and
 of real data, differentiated through the sampler, with the schedule as the only parameters
 (:class:`~fastsample.schedule_search.ays.LogSigmaSchedule`: ``steps`` numbers, little to overfit).
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fastsample.lit.ddss import image_features
+from fastsample.metrics.feature_loss import image_features
 from fastsample.metrics.features import FeatureExtractor
 from fastsample.metrics.scores import frechet_distance, mmd2_unbiased
 from fastsample.samplers import Sampler

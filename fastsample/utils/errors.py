@@ -8,6 +8,7 @@ traceback is shown.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -73,8 +74,6 @@ def run_cli(main: Callable[[], Any]) -> Any:
     try:
         return main()
     except Exception as err:
-        from fastsample.utils.instantiation import find_user_error
-
         cause = find_user_error(err) or _disk_full(err)
         if cause is None or os.environ.get("FASTSAMPLE_DEBUG"):
             raise
@@ -84,8 +83,6 @@ def run_cli(main: Callable[[], Any]) -> Any:
 
 def _disk_full(error: BaseException | None) -> UserError | None:
     """A UserError for the first out-of-space OSError in ``error``'s chain (writes we do not own)."""
-    from fastsample.utils.io import disk_full_error
-
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError) and (found := disk_full_error(error, None)) is not None:
@@ -93,3 +90,30 @@ def _disk_full(error: BaseException | None) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+#: errno values of a full disk or quota: a user error naming the file, not a traceback
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The first :class:`UserError` in ``error``'s ``__cause__`` / ``__context__`` chain, or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_error(error: OSError, path: str | os.PathLike | None) -> UserError | None:
+    """The one-line UserError for an out-of-space write of ``path``, or None for other errors."""
+    if error.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = str(path) if path is not None else (error.filename or "an output file")
+    return UserError(
+        f"cannot write {where}: {os.strerror(error.errno)} ({errno.errorcode[error.errno]}); free space "
+        "on that disk or write to another folder (output_dir=...); finished parts are kept, so rerunning "
+        "the same command resumes"
+    )

@@ -13,18 +13,7 @@ from typing import Any
 import hydra.utils
 from omegaconf.errors import MissingMandatoryValue
 
-from fastsample.utils.errors import UserError
-
-
-def find_user_error(error: BaseException | None) -> UserError | None:
-    """The first :class:`UserError` in ``error``'s ``__cause__`` / ``__context__`` chain, or None."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+from fastsample.utils.errors import UserError, find_user_error
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:

@@ -11,7 +11,6 @@ the file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -25,11 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 
-from fastsample.utils.errors import UserError
+from fastsample.utils.errors import disk_full_error
 
 #: errors that mean "no room for this output", not a bug: no space, quota, file-size limit
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: member timestamp of every .npz we write: equal arrays give byte-identical files
 NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -38,18 +37,6 @@ _TEMPORARY = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$
 def _host_tag() -> str:
     """A short, filename-safe tag of this machine (host names may hold dots and dashes)."""
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def disk_full_error(error: OSError, path: str | os.PathLike | None) -> UserError | None:
-    """The one-line UserError for an out-of-space write of ``path``, or None for other errors."""
-    if error.errno not in DISK_FULL_ERRNOS:
-        return None
-    where = str(path) if path is not None else (error.filename or "an output file")
-    return UserError(
-        f"cannot write {where}: {os.strerror(error.errno)} ({errno.errorcode[error.errno]}); free space "
-        "on that disk or write to another folder (output_dir=...); finished parts are kept, so rerunning "
-        "the same command resumes"
-    )
 
 
 @contextlib.contextmanager
@@ -146,7 +133,6 @@ def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 def save_torch_atomic(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` to ``path`` atomically."""
-    import torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

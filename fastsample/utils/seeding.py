@@ -9,9 +9,12 @@ so CPU and GPU runs draw the same numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from fastsample.utils.errors import fail
 
 
 class SeedNoise:
@@ -62,3 +65,16 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
         elif part:
             seeds.append(int(part))
     return seeds
+
+
+def labels_for(seeds: list[int], mode: Any, num_classes: int | None) -> torch.Tensor | None:
+    """Class labels per seed: ``None`` (unconditional), ``cycle`` (seed mod classes) or a fixed class."""
+    if mode is None:
+        return None
+    if not num_classes:
+        fail("class_labels is set but the model is not class-conditional; use class_labels=null")
+    if mode == "cycle":
+        return torch.tensor([seed % num_classes for seed in seeds])
+    if not isinstance(mode, int) or not 0 <= mode < num_classes:
+        fail(f"class_labels={mode!r} is not allowed; choose null, cycle or a class in [0, {num_classes - 1}]")
+    return torch.full((len(seeds),), mode)
