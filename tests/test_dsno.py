@@ -50,7 +50,7 @@ from fastsample.utils.instantiation import find_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TINY_NET = OmegaConf.to_container(OmegaConf.load(CONF / "model/net/unet_tiny.yaml"))
+TINY_NET = OmegaConf.to_container(OmegaConf.load(CONF / "net/unet_tiny.yaml"))
 
 
 @pytest.fixture(autouse=True)

@@ -529,8 +529,8 @@ def test_sampler_configs_build_without_touching_the_prior(tmp_path: Path, monkey
         sampler.sample(GaussianMixture.toy("ring"), noise, generator=generator)
 
 
-def test_generator_options_compose(tmp_path: Path) -> None:
-    options = sorted(path.stem for path in (ROOT / "conf" / "generator").glob("*.yaml"))
+def test_prior_options_compose(tmp_path: Path) -> None:
+    options = sorted(path.stem for path in (ROOT / "conf" / "prior").glob("*.yaml"))
     assert options == ["callable", "gaussian", "gmm", "npz", "vae"]
     np.savez(tmp_path / "s.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
     extra = {

@@ -480,7 +480,7 @@ def test_fid_callback_in_a_lightning_run(classifier, tmp_path):
     from fastsample.lit.fid_callback import FIDCallback
 
     torch.manual_seed(0)
-    net = OmegaConf.load(CONF / "model" / "net" / "unet_tiny.yaml")
+    net = OmegaConf.load(CONF / "net" / "unet_tiny.yaml")
     module = DiffusionModule(net=net, ema_decay=0.5)
     datamodule = ImageDataModule("digits", batch_size=32, val_subset=200)
     callback = FIDCallback(

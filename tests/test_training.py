@@ -111,7 +111,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 def tiny_diffusion_module(objective: str = "edm", seed: int = 0, **settings) -> DiffusionModule:
     """A tiny DiffusionModule with random (non-trivial) weights whose EMA differs from the live net."""
-    net = OmegaConf.load(CONF / "model/net/unet_tiny.yaml")
+    net = OmegaConf.load(CONF / "net/unet_tiny.yaml")
     module = DiffusionModule(net, objective=objective, **settings)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,7 +125,7 @@ def tiny_diffusion_module(objective: str = "edm", seed: int = 0, **settings) -> 
 def tiny_classifier_module(noisy: bool, seed: int = 0) -> ClassifierModule:
     """A tiny ClassifierModule with random weights."""
     torch.manual_seed(seed)
-    return ClassifierModule(OmegaConf.load(CONF / "model/net/classifier_tiny.yaml"), noisy=noisy).eval()
+    return ClassifierModule(OmegaConf.load(CONF / "net/classifier_tiny.yaml"), noisy=noisy).eval()
 
 
 def read_csv_steps(path: Path) -> list[int]:
@@ -325,7 +325,7 @@ def test_fast_dev_run(run: str, tmp_path: Path) -> None:
 
 
 def test_edm_max_timestep_bounds_training_sigma() -> None:
-    net = OmegaConf.load(CONF / "model/net/unet_tiny.yaml")
+    net = OmegaConf.load(CONF / "net/unet_tiny.yaml")
     module = DiffusionModule(net, objective="edm", max_timestep=200)
     assert module.sigma_upper() == pytest.approx(float(DiscreteSchedule("linear", 1000).sigmas[199]))
 
@@ -338,7 +338,7 @@ def test_classifier_lr_schedule() -> None:
 
 
 def test_classifier_head_learning_rate() -> None:
-    net = OmegaConf.load(CONF / "model/net/classifier_tiny.yaml")
+    net = OmegaConf.load(CONF / "net/classifier_tiny.yaml")
     optimizer = ClassifierModule(net, lr=1e-3, head_lr_scale=10).configure_optimizers()
     body, head = optimizer.param_groups
     assert body["lr"] == 1e-3 and head["lr"] == pytest.approx(1e-2) and len(head["params"]) == 2
@@ -524,7 +524,7 @@ def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     module, other = (
         tiny_diffusion_module(),
         DiffusionModule(
-            {**OmegaConf.to_container(OmegaConf.load(CONF / "model/net/unet_tiny.yaml")), "model_channels": 8}
+            {**OmegaConf.to_container(OmegaConf.load(CONF / "net/unet_tiny.yaml")), "model_channels": 8}
         ),
     )
     bundle = torch.load(module.export(tmp_path / "model.pt"), weights_only=False)

@@ -13,7 +13,7 @@ from fastsample.models.classifier import NoisyClassifier
 from fastsample.models.unet import UNet
 from fastsample.utils.errors import UserError
 
-NET_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model" / "net"
+NET_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "net"
 TINY = dict(
     model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), mid_attention=False
 )

@@ -92,7 +92,7 @@ def test_task_config_defaults_to_fashion_mnist_shape(tmp_path: Path) -> None:
 
 
 def test_bad_settings() -> None:
-    net = OmegaConf.load(CONF / "model/net/vae_tiny.yaml")
+    net = OmegaConf.load(CONF / "net/vae_tiny.yaml")
     with pytest.raises(UserError, match="task.beta"):
         VAEModule(net, beta=-1)
     with pytest.raises(UserError, match="task.decoder_std"):
@@ -127,7 +127,7 @@ def test_fast_dev_run_exports_a_prior(tmp_path: Path, digits_gmm) -> None:
 def test_few_steps_lower_the_loss(digits) -> None:
     images = digits[0][:256].float()
     torch.manual_seed(0)
-    module = VAEModule(OmegaConf.load(CONF / "model/net/vae_tiny.yaml"), lr=3e-3)
+    module = VAEModule(OmegaConf.load(CONF / "net/vae_tiny.yaml"), lr=3e-3)
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(1)
@@ -147,7 +147,7 @@ def test_few_steps_lower_the_loss(digits) -> None:
 def test_load_errors(tmp_path: Path) -> None:
     from fastsample.lit.diffusion import DiffusionModule
 
-    DiffusionModule(OmegaConf.load(CONF / "model/net/unet_tiny.yaml")).export(tmp_path / "diffusion.pt")
+    DiffusionModule(OmegaConf.load(CONF / "net/unet_tiny.yaml")).export(tmp_path / "diffusion.pt")
     with pytest.raises(UserError, match="fastsample-bundle-v1 file, not a VAE"):
         load_vae(tmp_path / "diffusion.pt")
     with pytest.raises(UserError, match="does not exist"):

@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def build_evaluator(cfg: Any, device: torch.device | None = None) -> Evaluator:
-    """An :class:`Evaluator` (no reference yet): ``cfg.metrics`` the extractor, ``cfg.evaluator`` settings."""
-    extractor = instantiate(cfg.metrics)
+    """An :class:`Evaluator` (no reference yet): ``cfg.features`` the extractor, ``cfg.evaluator`` its
+    settings."""
+    extractor = instantiate(cfg.features)
     if isinstance(extractor, nn.Module) and not isinstance(extractor, FeatureExtractor):
         fail(
             f"metrics: {type(extractor).__name__} is not a feature extractor; "
-            "use metrics=module with metrics.module._target_=<your module>"
+            "use features=module with features.module._target_=<your module>"
         )
     settings = dict(cfg.get("evaluator") or {})
     settings.setdefault("batch_size", cfg.get("batch_size", 250))

@@ -126,7 +126,7 @@ def classifier_features(
     """
     if path is None:
         path = bundle.asset_path(DEFAULT_CLASSIFIER)
-    classifier = load_classifier(path, setting="metrics.path")
+    classifier = load_classifier(path, setting="features.path")
     convention = getattr(classifier, "convention", {})
     if convention.get("kind") == "clean" and hasattr(classifier, "net"):
         label = convention.get("noise_label", 0.0) if noise_label is None else noise_label

@@ -44,7 +44,7 @@ def image_features(extractor: FeatureExtractor, samples: Tensor) -> Tensor:
     if isinstance(extractor, CleanFIDInception) and extractor.mode == "clean":
         fail(
             "the DDSS loss needs a differentiable feature network; clean-fid's Inception resizes with PIL. "
-            "Use metrics mode=legacy_tensorflow, a classifier (metrics=classifier) or a module"
+            "Use metrics mode=legacy_tensorflow, a classifier (features=classifier) or a module"
         )
     low, high = extractor.input_range
     x = samples.clamp(-1.0, 1.0)
