@@ -1,7 +1,7 @@
 """FID vs NFE and vs wall time: one model, several samplers x step counts, the same seeds for all.
 
-The engine is fastsample/jobs/benchmark.py (also behind ``make demo``). Builds everything through
-conf/evaluate.yaml and the evaluate job's functions (model, extractor,
+The engine is fastsample/jobs/benchmark.py (``make bench-fid`` runs it on the shipped model).
+Builds everything through conf/evaluate.yaml and the evaluate job's functions (model, extractor,
 reference statistics cached in paths.cache_dir, per-seed sampling), so a row is what
 ``python evaluate.py mode=generate sampler=<s> sampler.steps=<n> seeds=0-<N-1>`` reports. The
 default is the analytic Gaussian mixture fitted to Fashion-MNIST with the domain classifier's

@@ -50,7 +50,8 @@ class Case:
     """One bad input: ``script`` with ``args`` (``{tmp}`` is a fresh folder prepared by ``setup``).
 
     ``message`` is a pattern the printed message must match (searched); ``patch`` makes a fault that
-    the command line cannot (a full disk); ``process`` runs the real command in a subprocess.
+    the command line cannot (a full disk, no network); ``process`` runs the real command in a
+    subprocess; ``pythonpath`` puts ``{tmp}`` on the import path (``PYTHONPATH={tmp}`` in the command).
     """
 
     name: str
@@ -63,10 +64,12 @@ class Case:
     patch: Callable[[], contextlib.AbstractContextManager] | None = None
     process: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    pythonpath: bool = False  # {tmp} is importable (the user's own modules, model=callable)
 
     def command(self) -> str:
         """The command line as documented."""
-        return " ".join(["python", self.script, *self.args])
+        prefix = ["PYTHONPATH={tmp}"] if self.pythonpath else []
+        return " ".join([*prefix, "python", self.script, *self.args])
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,59 @@ def make_eval_files(tmp: Path) -> None:
     save_npz_atomic(tmp / "small.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
 
 
+USER_MODELS = """
+import torch
+from fastsample.models.gmm import GaussianMixture
+
+
+class Exact:
+    \"\"\"An exact-score mixture as a class: the model is an instance.\"\"\"
+
+    def __init__(self, name: str = "ring") -> None:
+        self.mixture = GaussianMixture.toy(name)
+
+    def __call__(self, x, sigma, **cond):
+        return self.mixture(x, sigma)
+
+
+def denoise(x, sigma, **cond):
+    return x / (1 + sigma[:, None] ** 2)
+
+
+def wrong_shape(x, sigma, **cond):
+    return x[:, :1]
+"""
+
+
+def make_user_models(tmp: Path) -> None:
+    """``<tmp>/user_models.py``: a user's own models for ``model=callable`` (on PYTHONPATH)."""
+    (tmp / "user_models.py").write_text(USER_MODELS)
+
+
+def make_mask(tmp: Path) -> None:
+    """A 5x5 inpainting mask, for 28x28 images."""
+    np.save(tmp / "mask.npy", np.ones((5, 5), np.float32))
+
+
+def make_five_samples(tmp: Path) -> None:
+    """The evaluation files and ``five.npz``: 5 images of the classifier's shape."""
+    make_eval_files(tmp)
+    from fastsample.utils.io import save_npz_atomic
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    save_npz_atomic(tmp / "five.npz", images=images)
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """No network: every URL fails to resolve (what dataset.download=true meets on an offline machine)."""
+    import urllib.error
+
+    failure = urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    with mock.patch("urllib.request.urlopen", side_effect=failure):
+        yield
+
+
 @contextlib.contextmanager
 def disk_full() -> Iterator[None]:
     """The disk fills up after the first file (the run state): from then on fsync reports ENOSPC, as it
@@ -185,7 +241,7 @@ CASES: tuple[Case, ...] = (
         "a setting the sampler does not have",
         "sample.py",
         ("model=gmm_toy", "+sampler.eta=0.5"),
-        r"sampler\.eta is not a setting of sampler 'dpmpp_2m'; allowed: none",
+        r"sampler\.eta is not a setting of sampler 'dpmpp_2m'; allowed: \w+",
         2,
     ),
     Case(
@@ -316,6 +372,198 @@ CASES: tuple[Case, ...] = (
         env={"FASTSAMPLE_DEBUG": "1"},
     ),
     Case(
+        "wrong-type",
+        "a value of the wrong type (checked against the typed settings before anything runs)",
+        "sample.py",
+        ("model=gmm_toy", "sampler.steps=ten"),
+        r"sampler\.steps='ten' is not an integer; e\.g\. sampler\.steps=10",
+        2,
+    ),
+    Case(
+        "fractional-steps",
+        "a fraction where a count is expected",
+        "sample.py",
+        ("model=gmm_toy", "sampler.steps=2.5"),
+        r"sampler\.steps=2\.5 is not an integer",
+        2,
+    ),
+    Case(
+        "wrong-type-batch-size",
+        "a batch size that is not a number",
+        "sample.py",
+        ("model=gmm_toy", "batch_size=abc"),
+        r"batch_size='abc' is not an integer; e\.g\. batch_size=128",
+        2,
+    ),
+    Case(
+        "fractional-batch-size",
+        "a fractional batch size",
+        "sample.py",
+        ("model=gmm_toy", "batch_size=2.5"),
+        r"batch_size=2\.5 is not an integer",
+        2,
+    ),
+    Case(
+        "wrong-type-schedule",
+        "a schedule setting of the wrong type",
+        "sample.py",
+        ("model=gmm_toy", "sampler.schedule.rho=abc"),
+        r"sampler\.schedule\.rho='abc' is not a number; e\.g\. sampler\.schedule\.rho=7\.0",
+        2,
+    ),
+    Case(
+        "invalid-seeds",
+        "seeds that are not a seed list",
+        "sample.py",
+        ("model=gmm_toy", "seeds=abc"),
+        r"seeds='abc' is not a seed list; give a range \(seeds=0-99\)",
+        2,
+    ),
+    Case(
+        "negative-seeds",
+        "a negative seed count",
+        "sample.py",
+        ("model=gmm_toy", "seeds=-5"),
+        r"seeds=-5 is not allowed: a count must be >= 0",
+        2,
+    ),
+    Case(
+        "unknown-device",
+        "a device that does not exist",
+        "sample.py",
+        ("model=gmm_toy", "device=tpu"),
+        r"device='tpu' is not allowed; choose auto, cpu, cuda, cuda:N or mps",
+        2,
+    ),
+    Case(
+        "unknown-model-setting",
+        "a setting the model does not take, added with +",
+        "sample.py",
+        ("model=gmm_toy", "+model.model_channels=32"),
+        r"model\.model_channels is not a setting of model \(fastsample\.models\.gmm\.GaussianMixture\.toy\)",
+        2,
+    ),
+    Case(
+        "unknown-top-level-setting",
+        "a top-level setting no entry point has, added with +",
+        "sample.py",
+        ("model=gmm_toy", "+stpes=5"),
+        r"stpes is not a setting of sample\.py \(conf/sample\.yaml\)",
+        2,
+        process=True,
+    ),
+    Case(
+        "sigma-range",
+        "a schedule sigma_min above sigma_max (refused before anything is written)",
+        "sample.py",
+        ("model=gmm_toy", "sampler.schedule.sigma_min=90"),
+        r"sampler\.schedule\.sigma_min=90 must be below sigma_max=80\.0",
+        2,
+    ),
+    Case(
+        "schedule-path-without-file",
+        "a schedule file given without schedule kind file",
+        "sample.py",
+        ("model=gmm_toy", "sampler.schedule.path={tmp}/schedule.yaml"),
+        r"sampler\.schedule\.path=.* is set but sampler\.schedule\.kind=karras; "
+        r"add sampler\.schedule\.kind=file",
+        2,
+    ),
+    Case(
+        "restart-t-max",
+        "a Restart interval above the schedule's start (refused before anything is written)",
+        "sample.py",
+        ("model=gmm_toy", "sampler=restart", "sampler.restart_list=[[0.1,100,2,3]]"),
+        r"sampler\.restart_list\[0\]\.t_max=100\.0 is above the schedule's start sigma 80",
+        2,
+    ),
+    Case(
+        "es-ddpm-t-prime",
+        "an ES-DDPM start step beyond the model's T (refused before anything is written)",
+        "sample.py",
+        ("model=unet_fmnist", "sampler=es_ddpm", "sampler.t_prime=2000", "device=cpu"),
+        r"sampler\.t_prime=2000 is out of range; allowed: an integer step in \(0, 1000\]",
+        2,
+    ),
+    Case(
+        "es-ddpm-prior-shape",
+        "an ES-DDPM prior of another image shape than the bundle's (refused before anything is written)",
+        "sample.py",
+        ("model=from_checkpoint", "model.path={tmp}/model.pt", "sampler=es_ddpm", "device=cpu"),
+        r"sampler\.prior \(vae\) makes images of shape \(1, 28, 28\) but the model's data shape "
+        r"is \(1, 8, 8\)",
+        2,
+        setup=make_bundles,
+    ),
+    Case(
+        "inpaint-mask-shape",
+        "an inpainting mask of the wrong shape (refused before anything is written)",
+        "sample.py",
+        ("model=unet_fmnist", "guidance=inpaint", "guidance.mask={tmp}/mask.npy", "device=cpu"),
+        r"guidance\.mask has shape \(5, 5\) but the data is \(1, 28, 28\)",
+        2,
+        setup=make_mask,
+    ),
+    Case(
+        "callable-unimportable",
+        "model=callable with a module that cannot be imported",
+        "sample.py",
+        ("model=callable", "model.fn=no_such_module.Model", "model.image_shape=[2]"),
+        r"model\.fn='no_such_module\.Model' cannot be imported: ModuleNotFoundError: No module named "
+        r"'no_such_module'; the module must be importable: install it, or add its folder to PYTHONPATH",
+        2,
+    ),
+    Case(
+        "callable-class-without-kwargs",
+        "model=callable naming a class without model.kwargs",
+        "sample.py",
+        ("model=callable", "model.fn=user_models.Exact", "model.image_shape=[2]"),
+        r"model\.fn=user_models\.Exact is a class: give model\.kwargs .*model\.kwargs=\{\}",
+        2,
+        setup=make_user_models,
+        pythonpath=True,
+    ),
+    Case(
+        "callable-without-shape",
+        "model=callable without the data shape",
+        "sample.py",
+        ("model=callable", "model.fn=user_models.denoise"),
+        r"the model does not declare its data shape; set model\.image_shape=\[C,H,W\]",
+        2,
+        setup=make_user_models,
+        pythonpath=True,
+    ),
+    Case(
+        "callable-wrong-shape",
+        "model=callable returning another shape than its input",
+        "sample.py",
+        ("model=callable", "model.fn=user_models.wrong_shape", "model.image_shape=[2]", "seeds=0-7"),
+        r"model\.fn=user_models\.wrong_shape returned \[8, 1\] for an input of shape \[8, 2\]",
+        2,
+        setup=make_user_models,
+        pythonpath=True,
+    ),
+    Case(
+        "search-worse-than-configured",
+        "a searched schedule that loses to the configured one on held-out seeds (a warning; not the result)",
+        "sample.py",
+        (
+            "mode=optimize_schedule",
+            "model=gmm_toy",
+            "sampler=ipndm",
+            "schedule_search.nfe=20",
+            "schedule_search.gits.refine_sweeps=0",
+            "schedule_search.seeds=100000-100031",
+            "schedule_search.holdout_seeds=200000-200031",
+            "schedule_search.candidates=40",
+            "schedule_search.progress=false",
+        ),
+        r"warning: the gits schedule for ipndm at NFE 20 is worse than the configured karras schedule on "
+        r"the held-out seeds .*it is not the result \(kept for inspection as "
+        r"schedule-ipndm-nfe20-gits\.rejected\.yaml\)",
+        0,
+    ),
+    Case(
         "train-unknown-dataset",
         "an unknown data set",
         "train.py",
@@ -381,6 +629,30 @@ CASES: tuple[Case, ...] = (
         setup=make_bundles,
     ),
     Case(
+        "train-wrong-type",
+        "a training setting of the wrong type",
+        "train.py",
+        (*TINY_TRAIN, "trainer.max_steps=ten"),
+        r"trainer\.max_steps='ten' is not an integer; e\.g\. trainer\.max_steps=10000",
+        2,
+    ),
+    Case(
+        "train-download-offline",
+        "dataset.download=true without a network",
+        "train.py",
+        (
+            *TINY_TRAIN,
+            "dataset=mnist",
+            "dataset.download=true",
+            "dataset.root={tmp}/mnist",
+            "task.net.image_size=28",
+        ),
+        r"dataset\.download=true could not download mnist \(.*Temporary failure in name resolution.*\); is "
+        r"this machine offline\? Put the files in a folder and set dataset\.root=DIR dataset\.download=false",
+        2,
+        patch=offline,
+    ),
+    Case(
         "eval-missing-samples",
         "samples that do not exist",
         "evaluate.py",
@@ -443,6 +715,26 @@ CASES: tuple[Case, ...] = (
         2,
         setup=make_eval_files,
     ),
+    Case(
+        "eval-wrong-type",
+        "an evaluation setting of the wrong type",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/five.npz", "ref={tmp}/ref.npz", "evaluator.kid_subsets=many"),
+        r"evaluator\.kid_subsets='many' is not an integer; e\.g\. evaluator\.kid_subsets=100",
+        2,
+        setup=make_five_samples,
+    ),
+    Case(
+        "eval-too-few-samples",
+        "scores of fewer samples than each score's minimum (warnings per score; the run completes)",
+        "evaluate.py",
+        (*EVAL_SCORE, "samples={tmp}/five.npz", "ref={tmp}/ref.npz"),
+        r"SampleCountWarning: FID from 5 samples is unreliable: it needs at least \d+ .*"
+        r"SampleCountWarning: IS from 5 samples is unreliable: it needs at least 100 \(is_splits 10 x 10 "
+        r"classes\); splits of 1 sample cap IS at 1",
+        0,
+        setup=make_five_samples,
+    ),
 )
 
 
@@ -460,20 +752,18 @@ def compose(config: str, args: tuple[str, ...], tmp: Path):
 
 
 def _entry_point(script: str) -> Callable:
-    """What ``script`` runs for a composed config: its own ``run_cli`` path."""
-    from fastsample.utils.errors import run_cli
-
+    """What ``script`` runs for a composed config: its entry point (typed settings, then ``run_cli``)."""
     if script == "sample.py":
         from fastsample.jobs.cli import sample_main
 
         return sample_main
     if script == "train.py":
-        from fastsample.jobs.training import train
+        from fastsample.jobs.cli import train_main
 
-        return lambda cfg: run_cli(lambda: train(cfg))
-    from fastsample.jobs.evaluation import evaluate
+        return train_main
+    from fastsample.jobs.cli import evaluate_main
 
-    return lambda cfg: run_cli(lambda: evaluate(cfg))
+    return evaluate_main
 
 
 def run_case(case: Case, tmp: Path) -> Outcome:
@@ -492,11 +782,13 @@ def _run_in_process(case: Case, args: tuple[str, ...], tmp: Path, env: dict[str,
     captured, code = io.StringIO(), 0
     patch = case.patch() if case.patch is not None else contextlib.nullcontext()
     environment = mock.patch.dict(os.environ, env)
+    path = importable(tmp) if case.pythonpath else contextlib.nullcontext()
     with (
         warnings.catch_warnings(record=True) as caught,
         contextlib.redirect_stderr(captured),
         patch,
         environment,
+        path,
     ):
         warnings.simplefilter("always")
         try:
@@ -507,9 +799,27 @@ def _run_in_process(case: Case, args: tuple[str, ...], tmp: Path, env: dict[str,
     return "\n".join([*shown, captured.getvalue()]), code
 
 
+@contextlib.contextmanager
+def importable(folder: Path) -> Iterator[None]:
+    """``folder`` on the import path (as ``PYTHONPATH=folder``); its modules are forgotten afterwards."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in [name for name, module in sys.modules.items() if _inside(module, folder)]:
+            del sys.modules[name]
+
+
+def _inside(module: object, folder: Path) -> bool:
+    return str(getattr(module, "__file__", "") or "").startswith(str(folder))
+
+
 def _run_process(case: Case, args: tuple[str, ...], tmp: Path, env: dict[str, str]) -> tuple[str, int]:
     environment = {key: value for key, value in os.environ.items() if key != "FASTSAMPLE_DEBUG"}
     environment.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env})
+    if case.pythonpath:
+        environment["PYTHONPATH"] = str(tmp)
     result = subprocess.run(
         [sys.executable, case.script, *args, f"hydra.run.dir={tmp}/run"],
         cwd=ROOT,
@@ -532,7 +842,7 @@ def shown_message(stderr: str, exit_code: int, tmp: Path) -> str:
     if errors:
         lines = errors
     elif exit_code == 0:
-        lines = [line for line in lines if "Warning: " in line]
+        lines = [line for line in lines if "Warning: " in line or line.startswith("warning: ")]
     elif any(line.startswith("Traceback") for line in lines):
         start = next(i for i, line in enumerate(lines) if line.startswith("Traceback"))
         lines = [*lines[: start + 1], lines[-1]]  # the frames in between depend on the installation

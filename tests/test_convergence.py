@@ -131,6 +131,7 @@ LOW, MID, HIGH = (16, 32, 64), (32, 64, 128), (64, 128, 256)
 #   dpmpp_2m   7.8e-2 1.8e-2 4.2e-3 1.0e-3 2.5e-4   dpmpp_3m   8.0e-2 6.8e-3 6.8e-4 6.9e-5 8.4e-6
 #   lms(2)     9.7e-2 3.2e-2 9.1e-3 2.4e-3 6.3e-4   lms(3)     6.8e-2 1.6e-2 2.8e-3 4.0e-4 5.4e-5
 #   lms(4)     5.5e-2 1.0e-2 1.1e-3 7.9e-5 5.1e-6   unipc(2)   5.1e-2 5.8e-3 6.9e-4 8.4e-5 1.0e-5
+#   deis(2)    4.8e-2 1.6e-2 4.4e-3 1.2e-3 3.0e-4   deis(3)    1.8e-2 4.8e-3 7.3e-4 8.8e-5 1.0e-5
 # unipc(3) is pre-asymptotic up to N = 256 (slopes 3.4) and reaches 3.8-3.9 at N = 256..1024.
 TOY_CASES = [
     ("euler", {}, 1, LOW),
@@ -141,6 +142,9 @@ TOY_CASES = [
     ("lms", {"order": 2}, 2, HIGH),
     ("lms", {"order": 3}, 3, HIGH),
     ("lms", {"order": 4}, 4, HIGH),
+    ("deis", {"order": 1}, 1, LOW),
+    ("deis", {"order": 2}, 2, HIGH),
+    ("deis", {"order": 3}, 3, HIGH),
     ("unipc", {"order": 1, "lower_order_final": False}, 2, MID),
     ("unipc", {"order": 2, "lower_order_final": False}, 3, HIGH),
     pytest.param(

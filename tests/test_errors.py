@@ -51,6 +51,28 @@ def test_catalog_covers_the_required_inputs() -> None:
         "eval-reference-other-extractor",
         "model-nan",
         "disk-full",
+        # reliability round 2 (issue 22): wrong types, seeds, devices, refused-before-writing, own models
+        "wrong-type",
+        "fractional-steps",
+        "wrong-type-batch-size",
+        "fractional-batch-size",
+        "wrong-type-schedule",
+        "invalid-seeds",
+        "negative-seeds",
+        "unknown-device",
+        "unknown-model-setting",
+        "sigma-range",
+        "restart-t-max",
+        "es-ddpm-t-prime",
+        "es-ddpm-prior-shape",
+        "inpaint-mask-shape",
+        "callable-unimportable",
+        "callable-class-without-kwargs",
+        "callable-without-shape",
+        "callable-wrong-shape",
+        "search-worse-than-configured",
+        "train-download-offline",
+        "eval-too-few-samples",
     }
     assert required <= names
 

@@ -40,6 +40,7 @@ def test_registry_is_the_expected_set() -> None:
         "edm_sde",
         "dpmpp_2m",
         "dpmpp_3m",
+        "deis",
         "lms",
         "plms",
         "ipndm",
@@ -64,6 +65,20 @@ def test_nfe_matches_counted_calls(toy_gmm: GaussianMixture, name: str, steps: i
     out = sampler.sample(counter, noise, generator=generator)
     assert out.shape == noise.shape and bool(torch.isfinite(out).all())
     assert counter.calls == sampler.nfe == SAMPLERS[name].nfe(steps) == EXPECTED_NFE[name](steps)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_nfe_on_a_grid_ending_at_sigma_min(toy_gmm: GaussianMixture, name: str, steps: int) -> None:
+    """``final_sigmas_type=sigma_min``: every step is a full step (Heun: two calls), counted."""
+    counter = CountingDenoiser(toy_gmm)
+    noise, generator = seeded_noise(range(3))
+    sampler = Sampler(name, steps, schedule={"kind": "karras", "final_sigmas_type": "sigma_min"})
+    grid = sampler.sigmas(toy_gmm)
+    assert len(grid) == steps + 1 and math.isclose(float(grid[-1]), toy_gmm.sigma_min, rel_tol=1e-12)
+    out = sampler.sample(counter, noise, generator=generator)
+    assert bool(torch.isfinite(out).all())
+    assert counter.calls == sampler.nfe == (2 * steps if name in ("heun", "edm_sde", "restart") else steps)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -285,6 +300,10 @@ def test_unknown_knob() -> None:
         ("lms", {"order": 5}, "sampler.order"),
         ("plms", {"order": 0}, "sampler.order"),
         ("unipc", {"order": 4}, "sampler.order"),
+        ("deis", {"order": 4}, "sampler.order"),
+        ("deis", {"order": 0}, "sampler.order"),
+        ("dpmpp_2m", {"solver_type": "bh2"}, "sampler.solver_type"),
+        ("dpmpp_3m", {"solver_type": "logrho"}, "sampler.solver_type"),
         ("dpmpp_2m_sde", {"solver_type": "rk4"}, "sampler.solver_type"),
     ],
 )
@@ -303,6 +322,8 @@ def test_bad_knob_values(toy_gmm: GaussianMixture, name: str, knobs: dict, setti
         ({"kind": "explicit", "sigmas": [5.0, 6.0, 1.0, 0.0]}, "sampler.schedule.sigmas"),
         ({"kind": "explicit", "sigmas": [5.0, 2.0, 1.0, 0.5]}, "sampler.schedule.sigmas"),
         ({"kind": "explicit", "sigmas": [5.0, 1.0, 0.0]}, "sampler.schedule.sigmas"),
+        ({"kind": "karras", "final_sigmas_type": "min"}, "sampler.schedule.final_sigmas_type"),
+        ({"kind": "time_uniform", "convention": "dpm"}, "sampler.schedule.convention"),
     ],
 )
 def test_bad_schedules(toy_gmm: GaussianMixture, schedule, setting: str) -> None:
@@ -454,3 +475,28 @@ def test_class_conditional_sampling(toy_gmm: GaussianMixture) -> None:
     assert float(posterior[torch.arange(64), labels].mean()) > 0.95
     free = Sampler("heun", 18).sample(toy_gmm, noise)
     assert float((free - out).abs().max()) > 0.1
+
+
+# --- DEIS' weights -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_deis_weights_integrate_the_log_sigma_lagrange_basis(order: int) -> None:
+    """``w_k`` = integral over sigma of the k-th Lagrange polynomial in log sigma (checked by quadrature),
+    differentiable in the levels (gradcheck): DEIS' log-rho coefficients for any order."""
+    from scipy.integrate import quad
+
+    from fastsample.samplers.deis import log_lagrange_weights
+
+    nodes = torch.tensor([3.0, 4.5, 7.0, 12.0][:order], dtype=torch.float64)
+    start, end = nodes[0], torch.tensor(1.7, dtype=torch.float64)
+    weights = log_lagrange_weights(nodes, start, end)
+    logs = nodes.log().tolist()
+    for k in range(order):
+        basis = lambda s, k=k: math.prod(  # noqa: E731
+            (math.log(s) - logs[m]) / (logs[k] - logs[m]) for m in range(order) if m != k
+        )
+        expected = -quad(basis, float(end), float(start), epsabs=1e-13, epsrel=1e-13)[0]
+        assert math.isclose(float(weights[k]), expected, rel_tol=1e-9, abs_tol=1e-12), (k, weights, expected)
+    inputs = (nodes.clone().requires_grad_(), end.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda n, e: log_lagrange_weights(n, n[0], e), inputs)

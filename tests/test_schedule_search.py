@@ -330,5 +330,5 @@ def test_unknown_mode_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         sample_main(search_config(tmp_path, "mode=bogus"))
     assert exited.value.code == 2
-    expected = "error: mode='bogus' is not allowed; choose one of: generate, optimize_schedule"
+    expected = "error: mode='bogus' is not allowed; choose one of: generate, optimize_schedule, tune"
     assert capsys.readouterr().err.strip() == expected

@@ -166,6 +166,77 @@ def test_time_uniform_steps_limited_by_table_length() -> None:
         make_sigmas(ScheduleSpec(kind="time_uniform"), table_length, MODEL, append_zero=False)
 
 
+# --- diffusers' multistep timesteps and the final level (tests/test_diffusers_parity.py: vs diffusers)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "steps", "offset", "expected_t"),
+    [
+        ("linspace", 4, 0, [999, 749, 500, 250]),  # linspace(0, 999, 5).round() without t = 0
+        ("leading", 4, 0, [800, 600, 400, 200]),  # 1000 // 5 = 200
+        ("leading", 4, 1, [801, 601, 401, 201]),
+        ("trailing", 4, 0, [999, 749, 499, 249]),  # as DDIM's trailing
+        ("linspace", 1, 0, [999]),
+    ],
+)
+def test_multistep_convention_timesteps(spacing: str, steps: int, offset: int, expected_t: list[int]) -> None:
+    spec = ScheduleSpec(kind="time_uniform", spacing=spacing, convention="multistep", steps_offset=offset)
+    sigmas = make_sigmas(spec, steps, MODEL)
+    torch.testing.assert_close(sigmas[:-1], TABLE.double()[expected_t], rtol=0, atol=0)
+    assert float(sigmas[-1]) == 0.0
+
+
+def test_steps_offset_shifts_ddim_leading_only() -> None:
+    plain = make_sigmas(ScheduleSpec(kind="time_uniform", spacing="leading"), 4, MODEL)
+    shifted = make_sigmas(ScheduleSpec(kind="time_uniform", spacing="leading", steps_offset=1), 4, MODEL)
+    torch.testing.assert_close(shifted[:-1], TABLE.double()[[751, 501, 251, 1]], rtol=0, atol=0)
+    assert not torch.equal(plain, shifted)
+    for spacing in ("trailing", "linspace"):
+        spec = ScheduleSpec(kind="time_uniform", spacing=spacing, steps_offset=1)
+        assert torch.equal(
+            make_sigmas(spec, 4, MODEL),
+            make_sigmas(ScheduleSpec(kind="time_uniform", spacing=spacing), 4, MODEL),
+        )
+    with pytest.raises(UserError, match="steps_offset"):
+        make_sigmas(ScheduleSpec(kind="time_uniform", spacing="leading", steps_offset=300), 4, MODEL)
+
+
+@pytest.mark.parametrize("kind", RANGE_KINDS)
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_final_sigma_min_on_a_range_kind_is_one_more_level(kind: str, steps: int) -> None:
+    """A range kind ends at sigma_min by itself: ending the grid there is the positive grid of
+    ``append_zero=False`` (steps + 1 levels), never a zero-length last step."""
+    spec = ScheduleSpec(kind=kind, final_sigmas_type="sigma_min")
+    sigmas = make_sigmas(spec, steps, MODEL)
+    assert sigmas.shape == (steps + 1,) and bool((sigmas[:-1] > sigmas[1:]).all())
+    assert torch.equal(sigmas, make_sigmas(ScheduleSpec(kind=kind), steps, MODEL, append_zero=False))
+    assert math.isclose(float(sigmas[-1]), MODEL.sigma_min, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("convention", ["ddim", "multistep"])
+def test_final_sigma_min_on_time_uniform_appends_the_table_minimum(convention: str) -> None:
+    spec = ScheduleSpec(kind="time_uniform", spacing="trailing", convention=convention)
+    zero = make_sigmas(spec, 5, MODEL)
+    to_min = make_sigmas(ScheduleSpec(**{**spec.__dict__, "final_sigmas_type": "sigma_min"}), 5, MODEL)
+    assert torch.equal(to_min[:-1], zero[:-1]) and float(to_min[-1]) == float(TABLE[0])
+    # DDIM's 'leading' / 'linspace' end on t = 0 already: a zero-length last step is refused
+    with pytest.raises(UserError, match="final_sigmas_type=sigma_min"):
+        make_sigmas(
+            ScheduleSpec(kind="time_uniform", spacing="leading", final_sigmas_type="sigma_min"), 5, MODEL
+        )
+    with_offset = ScheduleSpec(
+        kind="time_uniform", spacing="leading", steps_offset=1, final_sigmas_type="sigma_min"
+    )
+    assert float(make_sigmas(with_offset, 5, MODEL)[-1]) == float(TABLE[0])
+
+
+def test_multistep_steps_limited_by_table_length() -> None:
+    spec = ScheduleSpec(kind="time_uniform", spacing="linspace", convention="multistep")
+    assert len(make_sigmas(spec, len(TABLE) - 1, MODEL)) == len(TABLE)
+    with pytest.raises(UserError, match="sampler.steps"):
+        make_sigmas(spec, len(TABLE), MODEL)
+
+
 # --- the discrete table's sigma <-> timestep maps ----------------------------------------------
 
 
@@ -235,6 +306,8 @@ def test_validate_sigmas_without_step_count() -> None:
         (ScheduleSpec(kind="loglinear", sigma_min=0.0, sigma_max=1.0), "sampler.schedule.sigma_min"),
         (ScheduleSpec(kind="karras", rho=0.0), "sampler.schedule.rho"),
         (ScheduleSpec(kind="time_uniform", spacing="sideways"), "sampler.schedule.spacing"),
+        (ScheduleSpec(kind="time_uniform", convention="pndm"), "sampler.schedule.convention"),
+        (ScheduleSpec(kind="karras", final_sigmas_type="one"), "sampler.schedule.final_sigmas_type"),
     ],
 )
 def test_bad_schedule_settings(spec: ScheduleSpec, setting: str) -> None:

@@ -4,19 +4,35 @@
 so a run's effective batch (and hence its learning-rate tuning) does not change with the number of
 GPUs. The validation and test loaders both read the ``test`` split (the data sets here have no
 separate validation split); ``val_subset`` trims it for quick runs.
+
+Training data is resumable, so a killed run resumed from a mid-epoch checkpoint sees exactly the
+batches an uninterrupted run sees (``docs/reliability.md``):
+
+- the order of epoch ``e`` is a permutation drawn from ``seed + e`` (:class:`EpochShuffle`, a
+  ``DistributedSampler`` that Lightning leaves in place and calls ``set_epoch`` on), not from a
+  generator whose state depends on the earlier epochs;
+- an item's augmentation (``hflip``) draws from a generator seeded by (seed, epoch, item)
+  (:class:`SeededItems`), whichever worker loads it, and never from the training's random stream;
+- :class:`ResumableLoader` reports the batches it has yielded in the current epoch (Lightning stores
+  ``state_dict()`` in every checkpoint) and, resumed, starts that epoch after them without loading them.
+
+The validation / test loaders draw their worker seed from their own generator, so validating does not
+advance the training's random stream either.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fastsample.data.datasets import IMAGE_DATASETS, build_dataset, image_folder_classes
 from fastsample.data.toy import ToyDataset, ToySampler
-from fastsample.utils.errors import check_choice, check_range, fail
+from fastsample.utils.errors import DISK_FULL_ERRNOS, UserError, brief, check_choice, check_range, fail
 
 
 def per_device_batch_size(global_batch: int, world_size: int) -> int:
@@ -28,6 +44,96 @@ def per_device_batch_size(global_batch: int, world_size: int) -> int:
             f"use a multiple of {world_size}"
         )
     return global_batch // world_size
+
+
+def mix_seed(*values: int) -> int:
+    """One 63-bit generator seed from several integers (the same numbers give the same seed)."""
+    seed = 0
+    for value in values:
+        seed = (seed * 1_000_003 + int(value) + 1) % (2**63 - 1)
+    return seed
+
+
+class EpochShuffle(DistributedSampler):
+    """The epoch's permutation from ``seed + epoch`` (``DistributedSampler``'s rule, sharded over
+    ``num_replicas`` ranks), yielded as ``epoch * len(dataset) + item`` so :class:`SeededItems` knows
+    the epoch of every item. ``start`` drops the first items of the next iteration (a resumed epoch)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        size, start, self.start = len(self.dataset), self.start, 0
+        indices = list(super().__iter__())[start:]
+        return iter([self.epoch * size + index for index in indices])
+
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by :class:`EpochShuffle`'s keys: item ``k`` of epoch ``e`` is loaded with the
+    CPU random stream seeded by (seed, e, k), so random augmentation is the same whichever worker or
+    run loads it, and the caller's random stream is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        # data sets that declare no random augmentation (hflip=false) need no seeding
+        self.random = bool(getattr(dataset, "hflip", True))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int) -> Any:
+        epoch, index = divmod(int(key), len(self))
+        if not self.random:
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader with Lightning's stateful-loader interface: ``state_dict()`` is the epoch and the
+    batches yielded in it; after ``load_state_dict()`` the next iteration of that epoch starts after
+    those batches (the sampler skips their items, so they are not loaded)."""
+
+    def __init__(self, dataset: Dataset, **settings: Any) -> None:
+        super().__init__(dataset, **settings)
+        self._epoch, self._position, self._resume = 0, 0, None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        if skip and isinstance(self.sampler, EpochShuffle):
+            self.sampler.start = skip * int(self.batch_size or 1)
+        self._epoch, self._position = epoch, skip
+        for batch in super().__iter__():
+            self._position += 1
+            yield batch
+
+
+def download_reason(error: BaseException) -> str:
+    """Why a download failed, in one line: the innermost cause; torchvision lists the mirrors' errors
+    after its first line ("Error downloading x.gz:"), so the last of them is the reason."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1]}" if len(lines) > 1 else brief(error)
+
+
+def find_disk_full(error: BaseException | None) -> bool:
+    """Whether a full disk (or quota) is in ``error``'s chain: the entry point reports that itself."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class SplitDataModule(pl.LightningDataModule):
@@ -68,21 +174,25 @@ class SplitDataModule(pl.LightningDataModule):
         self.dataset("test")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # A seeded generator makes the shuffle order reproducible; under DDP Lightning swaps in a
-        # DistributedSampler (seeded by the trainer) instead.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.device_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        # Its own generator: the worker seed a DataLoader draws per iteration must not come from (and
+        # advance) the global stream the training draws its noise from.
+        settings = {
+            "batch_size": self.device_batch_size,
+            "num_workers": self.num_workers,
+            "generator": torch.Generator().manual_seed(self.seed),
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        if not shuffle:
+            return DataLoader(self.dataset(split), shuffle=False, **settings)
+        items = SeededItems(self.dataset(split), self.seed)
+        trainer = self.trainer
+        ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(items, num_replicas=ranks[0], rank=ranks[1], seed=self.seed)
+        return ResumableLoader(items, sampler=sampler, **settings)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches, resumable mid-epoch (:class:`ResumableLoader`)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -151,18 +261,32 @@ class ImageDataModule(SplitDataModule):
         return IMAGE_DATASETS[self.name].num_classes if self.labels is not False else None
 
     def build(self, split: str) -> Dataset:
-        """Build ``split`` with this module's settings (``subset`` for train, ``val_subset`` for test)."""
-        return build_dataset(
-            self.name,
-            split,
-            root=self.root,
-            download=self.download,
-            resolution=self.resolution,
-            channels=self.channels,
-            hflip=self.hflip,
-            labels=self.labels,
-            subset=self.subset if split == "train" else self.val_subset,
-        )
+        """Build ``split`` with this module's settings (``subset`` for train, ``val_subset`` for test).
+
+        A failed download (offline, a proxy, a server error) is one line naming ``dataset.download``
+        and the way to provide the files instead; a full disk keeps its own message."""
+        try:
+            return build_dataset(
+                self.name,
+                split,
+                root=self.root,
+                download=self.download,
+                resolution=self.resolution,
+                channels=self.channels,
+                hflip=self.hflip,
+                labels=self.labels,
+                subset=self.subset if split == "train" else self.val_subset,
+            )
+        except UserError:
+            raise
+        except Exception as err:
+            if not self.download or find_disk_full(err):
+                raise
+            fail(
+                f"dataset.download=true could not download {self.name} ({download_reason(err)}); "
+                "is this machine offline? Put the files in a folder and set dataset.root=DIR "
+                "dataset.download=false"
+            )
 
 
 class ToyDataModule(SplitDataModule):

@@ -26,6 +26,13 @@ from fastsample.utils.io import write_bytes_atomic
 SCHEDULES = ("karras", "vp", "loglinear", "quadratic", "time_uniform", "explicit", "file")
 SCHEDULE_FORMAT = "fastsample-schedule/1"
 SPACINGS = ("leading", "trailing", "linspace")
+#: how ``time_uniform`` counts its timesteps: as DDIM / PNDM (``steps`` points, t = 0 included by
+#: 'leading' / 'linspace') or as diffusers' multistep schedulers (DPM-Solver, UniPC, DEIS: ``steps + 1``
+#: points with t = 0 dropped, so no step is spent between sigma_min and the final level)
+CONVENTIONS = ("ddim", "multistep")
+#: the grid's last level: 0 (the last step returns the denoised estimate) or the schedule's sigma_min
+#: (the run ends on a slightly noisy state, as diffusers' ``final_sigmas_type="sigma_min"``)
+FINAL_SIGMAS = ("zero", "sigma_min")
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -75,19 +82,43 @@ def quadratic_sigmas(steps: int, sigma_min: float, sigma_max: float, table: Tens
     return _table_sigma(table, t_lo + (t_hi - t_lo) * ramp)
 
 
-def time_uniform_sigmas(steps: int, table: Tensor, spacing: str = "leading") -> Tensor:
-    """DDPM / DDIM respacing: ``steps`` integer timesteps of the table, spaced as diffusers does."""
+def time_uniform_sigmas(
+    steps: int, table: Tensor, spacing: str = "leading", convention: str = "ddim", offset: int = 0
+) -> Tensor:
+    """DDPM / DDIM respacing: ``steps`` integer timesteps of the table, spaced as diffusers does.
+
+    ``convention="ddim"`` is DDIMScheduler's / PNDMScheduler's ``timestep_spacing``;
+    ``convention="multistep"`` is that of DPMSolverMultistep / UniPCMultistep / DEISMultistep, which
+    space ``steps + 1`` points and drop t = 0 ('trailing' is the same in both). ``offset`` is diffusers'
+    ``steps_offset`` (added to 'leading' timesteps only, as diffusers does).
+    """
     check_choice("sampler.schedule.spacing", spacing, SPACINGS)
+    check_choice("sampler.schedule.convention", convention, CONVENTIONS)
     total = len(table)
-    if steps > total:
+    if steps + (convention == "multistep" and spacing != "trailing") > total:
         fail(f"sampler.steps={steps} exceeds the model's {total} training timesteps")
-    if spacing == "leading":
-        timesteps = torch.arange(steps) * (total // steps)
+    if convention == "multistep":
+        timesteps = torch.from_numpy(multistep_timesteps(steps, total, spacing, offset))
+    elif spacing == "leading":
+        timesteps = torch.arange(steps) * (total // steps) + offset
     elif spacing == "trailing":
         timesteps = (torch.arange(total, 0, -total / steps).round() - 1).long().flip(0)
     else:
         timesteps = torch.linspace(0, total - 1, steps).round().long()
+    if int(timesteps.max()) >= total:
+        fail(f"sampler.schedule.steps_offset={offset} puts a timestep past the model's last ({total - 1})")
     return table.double()[timesteps.flip(0)]
+
+
+def multistep_timesteps(steps: int, total: int, spacing: str, offset: int = 0) -> np.ndarray:
+    """Ascending timesteps of diffusers' multistep schedulers (their ``set_timesteps``, in numpy as there)."""
+    if spacing == "linspace":
+        timesteps = np.linspace(0, total - 1, steps + 1).round()[1:]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps + 1) * (total // (steps + 1))).round()[1:] + offset
+    else:
+        timesteps = np.arange(total, 0, -total / steps).round()[::-1] - 1
+    return timesteps.astype(np.int64)
 
 
 @dataclass
@@ -99,6 +130,12 @@ class ScheduleSpec:
     sigma_min: float | None = None
     sigma_max: float | None = None
     spacing: str = "leading"
+    #: time_uniform only: "ddim" | "multistep" (see :data:`CONVENTIONS`)
+    convention: str = "ddim"
+    #: time_uniform only: diffusers' ``steps_offset`` for 'leading' spacing
+    steps_offset: int = 0
+    #: "zero" | "sigma_min": the grid's last level (see :data:`FINAL_SIGMAS`)
+    final_sigmas_type: str = "zero"
     sigmas: list[float] | None = None
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,35 +152,69 @@ def make_sigmas(spec: ScheduleSpec, steps: int, model: Any | None = None, append
 
     ``model`` supplies the trained sigma range (and the discrete table of discrete-time models);
     with ``append_zero=False`` the grid has ``steps + 1`` positive values ending at sigma_min.
+    ``spec.final_sigmas_type="sigma_min"`` ends the grid at sigma_min instead of 0: the range kinds,
+    which end there already, take ``steps + 1`` levels (as ``append_zero=False``); ``time_uniform``
+    appends the table's lowest level to its ``steps`` timesteps, as diffusers does.
     """
     check_choice("sampler.schedule.kind", spec.kind, SCHEDULES)
+    if spec.path is not None and spec.kind != "file":  # a file that is silently not used is worse
+        fail(
+            f"sampler.schedule.path={str(spec.path)!r} is set but sampler.schedule.kind={spec.kind}; "
+            "add sampler.schedule.kind=file to sample on the file's grid (or drop the path)"
+        )
     if spec.kind == "explicit":
         return validate_sigmas(spec.sigmas, steps)
     if spec.kind == "file":
         return schedule_file_sigmas(spec.path, steps)
     check_range("sampler.steps", steps, low=1)
+    check_choice("sampler.schedule.final_sigmas_type", spec.final_sigmas_type, FINAL_SIGMAS)
     sigma_min = spec.sigma_min if spec.sigma_min is not None else getattr(model, "sigma_min", 0.002)
     sigma_max = spec.sigma_max if spec.sigma_max is not None else getattr(model, "sigma_max", 80.0)
     check_range("sampler.schedule.sigma_min", sigma_min, low=0, low_inclusive=False)
     if sigma_min >= sigma_max:
         fail(f"sampler.schedule.sigma_min={sigma_min} must be below sigma_max={sigma_max}")
-    points = steps if append_zero else steps + 1
+    to_sigma_min = append_zero and spec.final_sigmas_type == "sigma_min"
+    # a range kind ends at sigma_min by itself: ending the grid there takes one more level of it
+    extra_level = not append_zero or (to_sigma_min and spec.kind != "time_uniform")
+    points = steps + 1 if extra_level else steps
     table = getattr(model, "discrete_sigmas", None)
     table = default_table() if table is None else table.detach().cpu()
+    sigmas = positive_levels(spec, points, sigma_min, sigma_max, table)
+    if points == 1 and (spec.kind, spec.convention) != ("time_uniform", "multistep"):
+        sigmas = sigmas.new_tensor([sigma_max])  # (DDIM's one 'leading' timestep would be t = 0)
+    if not append_zero or extra_level:
+        return sigmas
+    if not to_sigma_min:
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+    return append_table_minimum(sigmas, table)
+
+
+def positive_levels(
+    spec: ScheduleSpec, points: int, sigma_min: float, sigma_max: float, table: Tensor
+) -> Tensor:
+    """``points`` descending positive levels of ``spec``'s kind; a range kind spans [sigma_min, sigma_max]."""
     if spec.kind == "karras":
         check_range("sampler.schedule.rho", spec.rho, low=0, low_inclusive=False)
-        sigmas = karras_sigmas(points, sigma_min, sigma_max, spec.rho)
-    elif spec.kind == "loglinear":
-        sigmas = loglinear_sigmas(points, sigma_min, sigma_max)
-    elif spec.kind == "vp":
-        sigmas = vp_sigmas(points, sigma_min, sigma_max, **spec.extra)
-    elif spec.kind == "quadratic":
-        sigmas = quadratic_sigmas(points, sigma_min, sigma_max, table)
-    else:
-        sigmas = time_uniform_sigmas(points, table, spec.spacing)
-    if points == 1:
-        sigmas = sigmas.new_tensor([sigma_max])
-    return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
+        return karras_sigmas(points, sigma_min, sigma_max, spec.rho)
+    if spec.kind == "loglinear":
+        return loglinear_sigmas(points, sigma_min, sigma_max)
+    if spec.kind == "vp":
+        return vp_sigmas(points, sigma_min, sigma_max, **spec.extra)
+    if spec.kind == "quadratic":
+        return quadratic_sigmas(points, sigma_min, sigma_max, table)
+    return time_uniform_sigmas(points, table, spec.spacing, spec.convention, int(spec.steps_offset))
+
+
+def append_table_minimum(sigmas: Tensor, table: Tensor) -> Tensor:
+    """``sigmas`` (timesteps of ``table``) followed by the table's lowest level, diffusers' "sigma_min"."""
+    lowest = table.double().min()
+    if float(sigmas[-1]) <= float(lowest):
+        fail(
+            "sampler.schedule.final_sigmas_type=sigma_min: the last timestep is already t = 0 (sigma_min), "
+            "so the final step would have zero length; use sampler.schedule.convention=multistep, "
+            "spacing=trailing or steps_offset=1"
+        )
+    return torch.cat([sigmas, lowest.reshape(1)])
 
 
 def validate_sigmas(

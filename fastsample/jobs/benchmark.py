@@ -1,11 +1,11 @@
 """FID vs NFE and vs wall time: one model, several samplers x step counts, the same seeds for all.
 
-The engine of ``bench/fid_vs_nfe.py`` and of ``make demo``. Everything is built through
-conf/evaluate.yaml and the evaluate job's functions (model, extractor, reference statistics cached in
-``paths.cache_dir``, per-seed sampling), so a row is what ``python evaluate.py mode=generate
-sampler=<s> sampler.steps=<n> seeds=0-<N-1>`` reports. For an analytic mixture, exact samples give
-the FID floor of the sample size (row ``exact``); for class-conditional runs (``class_labels=cycle``)
-the rows also hold how often the domain classifier agrees with the requested label.
+The engine of ``bench/fid_vs_nfe.py`` (``make bench-fid``); ``make demo`` uses its pieces. Everything
+is built through conf/evaluate.yaml and the evaluate job's functions (model, extractor, reference
+statistics cached in ``paths.cache_dir``, per-seed sampling), so a row is what ``python evaluate.py
+mode=generate sampler=<s> sampler.steps=<n> seeds=0-<N-1>`` reports. For an analytic mixture, exact
+samples give the FID floor of the sample size (row ``exact``); for class-conditional runs
+(``class_labels=cycle``) the rows also hold how often the domain classifier agrees with the requested label.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def fid_vs_nfe(args: BenchSettings, overrides: list[str] = ()) -> list[dict]:
         rows.append(row)
     # Warm-up (first-call overheads must not land on the first sampler's time).
     warm = instantiate(compose([*base, "sampler=euler", "sampler.steps=1"]).sampler)
-    replace(setup, sampler=warm).score(evaluator, seeds[:4])
+    with torch.no_grad():  # generate + features without scoring: 4 samples would warn about their FID
+        evaluator.extractor(replace(setup, sampler=warm).generate(seeds[:4]))
     for spec in samplers:
         for steps in steps_list:
             name, sampler_overrides = parse_sampler_spec(spec, steps)

@@ -9,6 +9,7 @@ from the shards; ``grid.png`` and ``run.json`` are written last.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from fastsample.utils.images import save_grid, to_uint8
 from fastsample.utils.io import save_npz_atomic, write_json_atomic
 from fastsample.utils.npz import stream_npz
 from fastsample.utils.run_state import claim_sample_dir
+
+log = logging.getLogger(__name__)
 
 
 def shard_path(shard_dir: Path, batch: list[int]) -> Path:
@@ -41,16 +44,31 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     planned = {shard_path(shard_dir, batch): len(batch) for batch in batches}
     run_state = claim_sample_dir(cfg, out_dir, planned)
     start, generated = time.perf_counter(), 0
-    for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, unit="batch"):
-        shard = shard_path(shard_dir, batch)
-        if shard.exists():
-            continue  # finished by an earlier, interrupted run of the same config
-        with torch.no_grad():
-            images = setup.generate(batch)
-        save_shard(shard, images, setup.labels_for(batch), batch)
-        generated += len(batch)
-        run_state.progress()
+    log.info(
+        "sampling %d seeds with %s (NFE %s) in %d batches -> %s",
+        len(setup.seeds),
+        setup.sampler.name,
+        setup.sampler.nfe,
+        len(batches),
+        out_dir,
+    )
+    # A bar in images (total and ETA); shards an interrupted run finished count as done at once. Closed
+    # on an error too (``with``), so the ``error:`` line is not glued to the bar.
+    bar = tqdm(total=len(setup.seeds), desc=f"sampling {setup.sampler.name}", unit="img", leave=False)
+    with bar:
+        for batch in batches:
+            shard = shard_path(shard_dir, batch)
+            if not shard.exists():  # else finished by an earlier, interrupted run of the same config
+                with torch.no_grad():
+                    images = setup.generate(batch)
+                save_shard(shard, images, setup.labels_for(batch), batch)
+                generated += len(batch)
+                run_state.progress()
+            bar.update(len(batch))
     elapsed = time.perf_counter() - start
+    log.info(
+        "%d samples generated in %.1f s (%d already there)", generated, elapsed, len(setup.seeds) - generated
+    )
     finish_outputs(cfg, [shard_path(shard_dir, batch) for batch in batches])
     summary = {
         **setup.describe(),

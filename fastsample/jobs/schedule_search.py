@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas, save_schedule_file
@@ -36,6 +38,7 @@ from fastsample.schedule_search.trajectories import (
 )
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.instantiation import instantiate
+from fastsample.utils.run_state import job_settings
 from fastsample.utils.seeding import SeedNoise, parse_seeds
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,19 @@ INITS = ("karras", "loglinear", "vp", "gits")
 
 
 def model_description(cfg: DictConfig, model: Any) -> dict[str, Any]:
-    """What the schedule was searched for: the model config's target and the model's identity."""
+    """What the schedule was searched for: the model config's target, its settings (``model.fn`` of a
+    callable model, a checkpoint's path, ...) and the model's identity."""
     node = cfg.model
     described = {"config": OmegaConf.select(node, "_target_", default=None)}
     for key in ("name", "path"):
         value = OmegaConf.select(node, key, default=None, throw_on_missing=False)
         if value is not None:
             described[key] = value
+    described["settings"] = {
+        key: value
+        for key, value in job_settings(node).items()
+        if not key.startswith(("_", "datamodule.", "cache_dir"))  # the data set is described elsewhere
+    }
     if hasattr(model, "identity"):
         described.update(model.identity())
     return described
@@ -241,10 +250,11 @@ def check_deterministic(sampler: Sampler) -> None:
 
 def search_seeds(settings: DictConfig) -> tuple[list[int], list[int]]:
     """The search seeds and the held-out seeds (disjoint)."""
-    seeds = parse_seeds(settings.seeds)
+    seeds = parse_seeds(settings.seeds, "schedule_search.seeds")
     if not seeds:
         fail("schedule_search.seeds is empty; give e.g. schedule_search.seeds=100000-100255")
-    holdout_seeds = parse_seeds(settings.holdout_seeds) if settings.holdout_seeds is not None else []
+    holdout = settings.holdout_seeds
+    holdout_seeds = parse_seeds(holdout, "schedule_search.holdout_seeds") if holdout is not None else []
     if set(seeds) & set(holdout_seeds):
         fail("schedule_search.holdout_seeds overlap schedule_search.seeds; held-out seeds must differ")
     return seeds, holdout_seeds
@@ -270,7 +280,9 @@ def prepare_search(cfg: DictConfig) -> Search:
     search.shared["teacher_wall_s"] = round(time.perf_counter() - tick, 1)
     if method == "quality":
         search.objective = quality_objective(cfg, setup, setup.sampler)
-        search.validation_seeds = parse_seeds(settings.quality.validation_seeds)
+        search.validation_seeds = parse_seeds(
+            settings.quality.validation_seeds, "schedule_search.quality.validation_seeds"
+        )
     if needs_costs:  # the one-step costs do not depend on the step count: shared by all NFEs
         tick = time.perf_counter()
         search.cost, calls = step_costs(
@@ -402,6 +414,114 @@ def schedule_summary(search: Search, sampler: Sampler, nfe: int, found: dict[str
     }
 
 
+def judge(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Whether the found grid beats the configured one where it counts: on the held-out seeds, else the
+    validation seeds (method=quality), else the search trajectories."""
+    where = next(name for name in ("holdout", "validation", "search") if name in metrics)
+    values = metrics[where]
+    score = "fid" if "fid" in values else "rms"
+    found, baseline = float(values[score]), float(values[f"baseline_{score}"])
+    return {"on": where, "score": score, "found": found, "baseline": baseline, "better": found <= baseline}
+
+
+def write_result(
+    search: Search, sampler: Sampler, nfe: int, found: dict[str, Any], sigmas: torch.Tensor, out_dir: Path
+) -> dict[str, Any]:
+    """Write the schedule file of one NFE and return its summary (plus ``path``, ``steps``, ``command``).
+
+    A grid that loses to the configured schedule is not written as the result: it goes to
+    ``<name>.rejected.yaml`` for inspection, a warning says so (log and summary), and the command to
+    use is the configured schedule's.
+    """
+    summary = schedule_summary(search, sampler, nfe, found)
+    verdict = judge(found["metrics"])
+    name = f"schedule-{sampler.name}-nfe{nfe}-{search.method}"
+    path = out_dir / (f"{name}.yaml" if verdict["better"] else f"{name}.rejected.yaml")
+    warning = None
+    if not verdict["better"]:
+        kind = search.base.schedule.kind
+        warning = (
+            f"the {search.method} schedule for {sampler.name} at NFE {nfe} is worse than the configured "
+            f"{kind} schedule on the {WHERE[verdict['on']]} ({verdict['score'].upper()} "
+            f"{verdict['found']:.4g} vs {verdict['baseline']:.4g}): it is not the result (kept for "
+            f"inspection as {path.name}); keep the {kind} schedule"
+        )
+        log.warning(warning)
+    summary["verdict"] = {**verdict, "recommended": "searched" if verdict["better"] else "configured"}
+    save_schedule_file(path, sigmas, **summary)
+    log.info("schedule written to %s", path)
+    command = follow_up_command(search.cfg, sampler, path if verdict["better"] else None)
+    return {
+        **summary,
+        "sigmas": sigmas.tolist(),
+        "steps": sampler.steps,
+        "path": str(path),
+        "command": command,
+        "warning": warning,
+    }
+
+
+WHERE = {"holdout": "held-out seeds", "validation": "validation seeds", "search": "search trajectories"}
+#: settings of a search's command line that do not carry over to sampling with its result
+SEARCH_ONLY = (
+    "mode",
+    "schedule_search",
+    "hydra",
+    "seeds",
+    "batch_size",
+    "output_dir",
+    "paths",
+    "logger",
+    "progress",
+    "hparams_search",
+    "trainer",
+    "task_name",
+    "grid_size",
+    "sampler.steps",
+)
+
+
+def follow_up_command(cfg: DictConfig, sampler: Sampler, path: Path | None) -> str:
+    """``python sample.py ...`` that samples with the search's model settings (the command line's
+    ``model=``, ``model.fn=``, guidance, precision, sampler knobs, ...) and the written schedule file,
+    or, with ``path=None``, with the configured schedule (the user's ``sampler.schedule.*`` kept)."""
+    drop = (*SEARCH_ONLY, "sampler.schedule") if path is not None else SEARCH_ONLY
+    overrides = [
+        item
+        for item in command_overrides()
+        if not any(setting_of(item) == key or setting_of(item).startswith(f"{key}.") for key in drop)
+    ]
+    if any(setting_of(item) == "experiment" for item in overrides):
+        overrides.append("mode=generate")  # an experiment may set mode=optimize_schedule
+    if not any(setting_of(item) == "sampler" for item in overrides):
+        overrides.append(f"sampler={sampler_choice(sampler)}")
+    overrides.append(f"sampler.steps={sampler.steps}")
+    if path is not None:
+        schedule = cfg.sampler.get("schedule")
+        prefix = "" if isinstance(schedule, DictConfig) and "path" in schedule else "++"
+        overrides += ["sampler.schedule.kind=file", f"{prefix}sampler.schedule.path={path}"]
+    return " ".join(["python", "sample.py", *(shlex.quote(item) for item in overrides)])
+
+
+def command_overrides() -> list[str]:
+    """The overrides of the command line that runs (Hydra's record); none outside a Hydra run."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def setting_of(override: str) -> str:
+    """``model.fn`` of ``+model.fn=x`` (the key, without ``+`` / ``++`` / ``~`` and package)."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def sampler_choice(sampler: Sampler) -> str:
+    """The ``sampler=`` option that was composed (Hydra's record), else the sampler's name."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("sampler")
+        if choice:
+            return str(choice)
+    return sampler.name
+
+
 def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
     """Search schedules for ``cfg.sampler`` on ``cfg.model``, one per requested NFE.
 
@@ -435,10 +555,6 @@ def optimize_schedule(cfg: DictConfig) -> list[dict[str, Any]]:
             "report": report,
             "wall_s": round(time.perf_counter() - tick, 1),
         }
-        summary = schedule_summary(search, sampler, nfe, found)
-        path = out_dir / f"schedule-{sampler.name}-nfe{nfe}-{search.method}.yaml"
-        save_schedule_file(path, sigmas, **summary)
-        log.info("schedule written to %s", path)
-        summaries.append({**summary, "sigmas": sigmas.tolist(), "steps": steps, "path": str(path)})
+        summaries.append(write_result(search, sampler, nfe, found, sigmas, out_dir))
     log.info("schedule search done in %.0f s", time.perf_counter() - started)
     return summaries

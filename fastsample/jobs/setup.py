@@ -9,6 +9,7 @@ through every job (``tests/test_jobs.py`` checks it byte for byte).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,13 @@ from omegaconf import DictConfig
 
 from fastsample.diffusion.accel import NetworkOptions, apply_network_options
 from fastsample.guidance import GuidanceTask
+from fastsample.guidance.base import GuidanceBatch
 from fastsample.samplers import Sampler
 from fastsample.samplers.generation import generate_batch
+from fastsample.samplers.restart import parse_restart_list, snap_to_grid
 from fastsample.samplers.splitting import SPLITTING, check_conditional
 from fastsample.utils.device import resolve_device
-from fastsample.utils.errors import check_choice, fail
+from fastsample.utils.errors import UserError, check_choice, fail
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.seeding import labels_for, parse_seeds
 
@@ -69,6 +72,7 @@ class Setup:
             self.labels_for(seeds),
             self.guidance,
             device or self.device,
+            self.dtype,
         )
 
     def score(
@@ -113,7 +117,8 @@ def plan(cfg: DictConfig, *, seeds: Sequence[int] | None = None, device: torch.d
     check_guidance(sampler, guidance)  # before the model: a refused combination fails at once
     dtype = PRECISIONS[cfg.get("precision", "float32")]
     model = build_model(cfg, device, dtype)
-    return Setup(
+    guidance_precision(guidance, dtype)
+    setup = Setup(
         device=device,
         dtype=dtype,
         model=model,
@@ -124,16 +129,77 @@ def plan(cfg: DictConfig, *, seeds: Sequence[int] | None = None, device: torch.d
         batch_size=batch_size,
         class_labels=cfg.get("class_labels"),
     )
+    preflight(setup)
+    return setup
+
+
+def preflight(setup: Setup) -> None:
+    """The checks the first batch would make, made before a job writes anything: the sampler's grid for
+    this model (a sigma range, ES-DDPM's T' beyond the model's T, Restart's t_max above the grid's
+    start), an ES-DDPM prior's image shape (a
+    bundle of another resolution), the guidance task's data checks (a mask of the wrong shape) and the
+    class labels. A run refused here leaves its output folder as it was."""
+    sigmas = setup.sampler.sigmas(setup.model)
+    if setup.sampler.name == "restart":  # Restart's intervals against this model's grid (t_max <= start)
+        for i, interval in enumerate(parse_restart_list(setup.sampler.knobs.get("restart_list"))):
+            snap_to_grid(sigmas.tolist(), interval, f"sampler.restart_list[{i}]")
+    bind = getattr(getattr(setup.sampler, "prior", None), "bind", None)
+    if callable(bind):
+        bind(setup.shape)
+    first = setup.seeds[:1]
+    setup.labels_for(first)
+    if isinstance(setup.guidance, GuidanceTask):
+        batch = GuidanceBatch(first, setup.shape, setup.device, setup.dtype)
+        setup.guidance.prepare(setup.model, batch)
 
 
 def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Instantiate ``cfg.model`` (a :class:`fastsample.diffusion.Denoiser`) in eval mode on ``device``
     in ``dtype``, with the config's network speed options (``network_precision``, ``channels_last``,
-    ``compile``)."""
-    model = instantiate(cfg.model).to(device).eval()
+    ``compile``). The model records ``run_dtype``, so every path that samples it (the Evaluator, the
+    FID callback) draws its noise in that precision."""
+    model = instantiate_setting(cfg.model, "model").to(device).eval()
     if dtype != torch.float32:
         model = model.to(dtype)
-    return apply_network_options(model, NetworkOptions.from_config(cfg))
+        check_precision(model, dtype)
+    model = apply_network_options(model, NetworkOptions.from_config(cfg))
+    object.__setattr__(model, "run_dtype", dtype)  # a plain attribute (the wrapper may be an nn.Module)
+    return model
+
+
+def check_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Refuse ``precision=float64`` for a model whose weights did not follow ``.to(dtype)`` (a wrapped
+    network that keeps its own dtype would otherwise fail at its first call, or silently run float32)."""
+    kept = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if any(name != str(dtype).removeprefix("torch.") for name in kept):
+        fail(
+            f"precision={str(dtype).removeprefix('torch.')} is not supported by this model: its weights stay "
+            f"{', '.join(kept)}; use precision=float32 (network_precision= sets the network's arithmetic)"
+        )
+
+
+def instantiate_setting(node: DictConfig, setting: str) -> Any:
+    """:func:`instantiate` ``node``; a keyword the target does not take (``+model.model_channels=32``)
+    becomes a UserError naming ``<setting>.<key>`` instead of a TypeError from deep inside the build."""
+    try:
+        return instantiate(node)
+    except UserError:
+        raise
+    except Exception as err:  # a TypeError, or Hydra's InstantiationException around it
+        key = unexpected_keyword(err)
+        if key is None or key not in node:
+            raise
+        fail(f"{setting}.{key} is not a setting of {setting} ({node.get('_target_')}); remove it")
+
+
+def unexpected_keyword(error: BaseException | None) -> str | None:
+    """The keyword of an "unexpected keyword argument 'x'" TypeError in ``error``'s chain or message."""
+    while error is not None:
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if match:
+            return match[1]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def build_guidance(cfg: DictConfig) -> Any:
@@ -143,6 +209,16 @@ def build_guidance(cfg: DictConfig) -> Any:
     if node is None or "_target_" not in node:
         return None
     return instantiate(node)
+
+
+def guidance_precision(guidance: Any, dtype: torch.dtype) -> None:
+    """Networks a guidance task holds (a classifier) run in the run's precision, as the model does: a
+    float32 classifier cannot take float64 states."""
+    if dtype == torch.float32 or guidance is None:
+        return
+    for value in vars(guidance).values():
+        if isinstance(value, torch.nn.Module):
+            value.to(dtype)
 
 
 def check_guidance(sampler: Sampler, guidance: Any) -> None:
@@ -177,7 +253,10 @@ def data_shape(cfg: DictConfig, model: Any) -> tuple[int, ...]:
             fail(f"shape={list(requested)} does not match the model's data shape {list(shape)}")
         shape = requested
     if shape is None:
-        fail("the model does not declare its data shape; set shape=[C,H,W]")
+        fail(
+            "the model does not declare its data shape; set model.image_shape=[C,H,W] (model=callable) "
+            "or shape=[C,H,W]"
+        )
     return tuple(shape)
 
 

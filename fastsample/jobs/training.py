@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from fastsample.data.datamodule import per_device_batch_size
 from fastsample.lit.checkpoint_io import AtomicCheckpointIO
+from fastsample.lit.resume import ResumeState
 from fastsample.lit.tracking import finish_runs, resolved_config
 from fastsample.utils.errors import brief, fail
 from fastsample.utils.instantiation import instantiate, instantiate_group
@@ -70,7 +71,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
+        # ResumeState: random streams and the EMA update in checkpoints, so ckpt_path=last resumes exactly
+        callbacks=[*instantiate_group(cfg.get("callbacks")), ResumeState()],
         logger=loggers or False,
         **checkpoint_plugins(cfg.trainer),
     )

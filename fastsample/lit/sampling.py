@@ -30,6 +30,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from fastsample.lit.tracking import sweep_group
 from fastsample.utils.errors import fail
@@ -116,14 +117,26 @@ class SeedBatchModule(pl.LightningModule):
             self.start(self)
         self.trainer.strategy.barrier("seed-batches-start")  # rank 0's setup (run state) comes first
         self._started = time.perf_counter()
+        # Lightning's bars are off (they count batches per rank); rank 0 shows its images, with an ETA
+        # that holds for all ranks (their blocks differ by at most one batch).
+        mine = rank_block(len(self.batches), self.global_rank, self.trainer.world_size)
+        self._bar = tqdm(
+            total=sum(len(self.batches[index]) for index in mine),
+            desc=f"sampling (rank 0 of {self.trainer.world_size})",
+            unit="img",
+            leave=False,
+            disable=self.global_rank != 0,
+        )
 
     def predict_step(self, batch: list[int], batch_idx: int) -> int:
         seeds = [int(seed) for seed in batch]
         with torch.no_grad():
             self.work(seeds, self.device)
+        self._bar.update(len(seeds))
         return len(seeds)  # outputs go to files / accumulators; Lightning warns about None
 
     def on_predict_epoch_end(self) -> None:
+        self._bar.close()
         self.elapsed = time.perf_counter() - self._started
         mine = {
             "rank": self.global_rank,

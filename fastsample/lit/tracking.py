@@ -32,6 +32,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from fastsample.utils.errors import check_choice
 from fastsample.utils.instantiation import instantiate_group
+from fastsample.utils.quiet import quiet_wandb
 
 WANDB_MODES = ("auto", "online", "offline")
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
@@ -115,6 +116,7 @@ def wandb_logger(
     """
 
     Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp dir if it is missing
+    quiet_wandb()  # Lightning passes anonymous=None, which W&B warns about on every run
     return WandbLogger(
         project=project,
         name=job_run_name(name) if name else None,

@@ -20,6 +20,7 @@ still gives FID (and IS); KID / PR are then skipped with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,6 +47,7 @@ from fastsample.metrics import (
     precision_recall,
 )
 from fastsample.metrics.resumable import extract_in_parts, finish_parts, parts_dir_for
+from fastsample.metrics.sample_counts import sample_count_warnings, warn_sample_counts
 from fastsample.samplers.generation import generate_batch
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.images import check_image_batch, iter_folder_images, load_npz_images, shape_text
@@ -223,6 +225,8 @@ class Evaluator:
         else:
             images = source
         what = f"reference images ({dataset or 'data'}/{split})"
+        started = time.perf_counter()
+        log.info("features of %s with %s", what, self.extractor.name)
         if path is None:
             stats, shape = self._extract(images, what)
         else:  # written to a file: in parts, so a killed run resumes
@@ -241,27 +245,43 @@ class Evaluator:
         if path is not None:
             ref = save_reference_file(path, ref)
             finish_parts(parts_dir_for(path))
+        log.info("%s: %d images in %.1f s", what, stats.count, time.perf_counter() - started)
         return ref
 
     def _extract_resumable(self, images: Any, what: str, path: str | os.PathLike) -> tuple[FeatureStats, Any]:
         """:meth:`_extract` in parts saved beside ``path``: a rerun after a kill resumes (see
         :mod:`fastsample.metrics.resumable`)."""
-        return extract_in_parts(
-            lambda batches: self._extract(batches, what),
-            iter_batches(images, self.batch_size),
-            parts_dir_for(path),
-            {"extractor": self.extractor.name, "weights_hash": self.extractor.weights_hash},
-            batch_size=self.batch_size,
-            keep_features=self.keep_features,
-            keep_logits=self.keep_logits,
-        )
+        # One bar over the whole set, advanced as images are read (parts computed earlier count too);
+        # the per-part extraction runs without a bar of its own.
+        with self._bar(_image_count(images), f"features of {what}") as bar:
+            return extract_in_parts(
+                lambda batches: self._extract(batches, what, bar=_NO_BAR),
+                _counted(iter_batches(images, self.batch_size), bar),
+                parts_dir_for(path),
+                {"extractor": self.extractor.name, "weights_hash": self.extractor.weights_hash},
+                batch_size=self.batch_size,
+                keep_features=self.keep_features,
+                keep_logits=self.keep_logits,
+            )
 
     # -- features ----------------------------------------------------------------------------------
     def features(self, images: ImageBatch | Iterable[Any], what: str = "samples") -> FeatureStats:
         """Stream ``images`` (an array or an iterable of batches) through the extractor."""
         return self._extract(images, what)[0]
 
-    def _extract(self, images: ImageBatch | Iterable[Any], what: str) -> tuple[FeatureStats, tuple | None]:
+    def _bar(self, total: int | None, desc: str) -> tqdm:
+        """A progress bar in images (total and ETA when the count is known); off unless ``progress``."""
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+
+    def _extract(
+        self,
+        images: ImageBatch | Iterable[Any],
+        what: str,
+        *,
+        bar: tqdm | None = None,
+    ) -> tuple[FeatureStats, tuple | None]:
+        """Stream ``images`` through the extractor; ``bar`` (else a bar of its own, with a total when
+        ``images`` knows its size) advances per batch."""
         stats = FeatureStats(self.keep_features, self.keep_logits)
         expected = expected_input_shape(self.extractor)
         shape: tuple[int, int, int] | None = None
@@ -271,28 +291,25 @@ class Evaluator:
                 f"got {type(images).__name__}"
             )
 
-        batches = tqdm(
-            iter_batches(images, self.batch_size),
-            desc=f"features of {what}",
-            total=_batch_count(images, self.batch_size),
-            unit="batch",
-            disable=not self.progress,
-            leave=False,
-        )
-        for batch in batches:
-            batch_shape = check_image_batch(batch, what)
-            if shape is None:
-                shape = batch_shape
-                self._check_shape(shape, expected, what)
-            elif batch_shape != shape:
-                fail(
-                    f"{what}: image shape changed from {shape_text(shape)} to {shape_text(batch_shape)} "
-                    "(C x H x W) between batches"
-                )
-            if len(batch) == 0:
-                continue
-            output = self.extractor(batch)
-            stats.update(output["features"], output["logits"])
+        own_bar = bar is None
+        if own_bar:
+            bar = self._bar(_image_count(images), f"features of {what}")
+        with bar if own_bar else contextlib.nullcontext():
+            for batch in iter_batches(images, self.batch_size):
+                batch_shape = check_image_batch(batch, what)
+                if shape is None:
+                    shape = batch_shape
+                    self._check_shape(shape, expected, what)
+                elif batch_shape != shape:
+                    fail(
+                        f"{what}: image shape changed from {shape_text(shape)} to {shape_text(batch_shape)} "
+                        "(C x H x W) between batches"
+                    )
+                if len(batch) == 0:
+                    continue
+                output = self.extractor(batch)
+                stats.update(output["features"], output["logits"])
+                bar.update(len(batch))
         return stats, shape
 
     def _check_shape(
@@ -350,7 +367,16 @@ class Evaluator:
                     results["precision"], results["recall"] = precision_recall(
                         real, stats.features, self.pr_k
                     )
-        return results
+        found = sample_count_warnings(  # below a score's minimum count: say so, per score (sample_counts.py)
+            stats.count,
+            results,
+            feature_dim=len(stats.mu),
+            classes=logits.shape[1] if logits is not None and logits.ndim == 2 else None,
+            is_splits=self.is_splits,
+            kid_subset_size=self.kid_subset_size,
+        )
+        warn_sample_counts(found)
+        return {**results, **found}
 
     def score_images(self, images: ImageBatch | Iterable[Any], what: str = "samples") -> dict[str, float]:
         """Scores of images: an array or an iterable of uint8 (N, H, W, C) / float (N, C, H, W) batches."""
@@ -414,7 +440,10 @@ class Evaluator:
                     on_batch(images)
                 yield images.float()
 
-        stats = self.features(batches(), what=f"samples of {getattr(sampler, 'name', 'the sampler')}")
+        name = getattr(sampler, "name", "the sampler")
+        # The bar times sampling (most of the work) and features together: say so, in images with a total.
+        with self._bar(len(seeds), f"sampling {name} + features") as bar:
+            stats, _ = self._extract(batches(), what=f"samples of {name}", bar=bar)
         return self.sampler_scores(stats, sampler, seeds, class_labels, timer["sampling_s"])
 
     def sampler_scores(
@@ -438,14 +467,25 @@ class Evaluator:
         return results
 
 
-def _batch_count(images: Any, batch_size: int) -> int | None:
-    """Batches :func:`iter_batches` will yield, when known up front (for the progress bar)."""
+def _image_count(images: Any) -> int | None:
+    """Images an array or a DataLoader holds, when known up front (the progress bar's total)."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        return -(-len(images) // batch_size)
-    loader_size = getattr(images, "batch_size", None)  # a DataLoader: its batches, if not larger
-    if loader_size is not None and loader_size <= batch_size and hasattr(images, "__len__"):
         return len(images)
+    dataset = getattr(images, "dataset", None)  # a DataLoader: its data set's size
+    if dataset is not None and hasattr(dataset, "__len__") and not callable(dataset):
+        return len(dataset)
     return None
+
+
+def _counted(batches: Iterable[Any], bar: tqdm) -> Iterator[Any]:
+    """``batches`` unchanged; ``bar`` advances by each batch's size once it has been used."""
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
+
+
+#: a bar that shows nothing (extraction inside an outer bar)
+_NO_BAR = tqdm(disable=True)
 
 
 def equal_size_subset(features: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from fastsample.diffusion.denoiser import Denoiser
 from fastsample.utils.errors import check_choice, check_range, fail
 from fastsample.utils.io import save_torch_atomic
 
 TOY_MIXTURES = ("ring", "grid", "two_blobs")
+log = logging.getLogger(__name__)
 
 
 class GaussianMixture(Denoiser):
@@ -181,9 +185,12 @@ class GaussianMixture(Denoiser):
         iterations: int = 10,
         min_variance: float = 1e-4,
         seed: int = 0,
+        progress: bool = False,
         **kwargs: Any,
     ) -> GaussianMixture:
-        """Fit one or more low-rank Gaussians per class (k-means within each class, then PCA)."""
+        """Fit one or more low-rank Gaussians per class (k-means within each class, then PCA).
+
+        ``progress`` shows a bar over the classes (a Fashion-MNIST fit takes ~30 s on 2 cores)."""
         check_range("gmm.rank", rank, low=1)
         check_range("gmm.components_per_class", components_per_class, low=1)
         if len(data) < 2:
@@ -193,7 +200,9 @@ class GaussianMixture(Denoiser):
         rank = min(rank, flat.shape[1])
         generator = torch.Generator().manual_seed(seed)
         parts: list[tuple[float, Tensor, Tensor, Tensor, Tensor, int]] = []
-        for label in labels.unique().tolist():
+        classes = labels.unique().tolist()
+        bar = tqdm(classes, desc="fitting the mixture", unit="class", disable=not progress, leave=False)
+        for label in bar:
             members = flat[labels == label]
             for cluster in _kmeans(members, components_per_class, iterations, generator):
                 parts.append((len(cluster) / len(flat), *_pca(cluster, rank, min_variance), label))
@@ -288,12 +297,14 @@ def fit_from_datamodule(
     components_per_class: int = 1,
     subset: int | None = None,
     cache_dir: str | None = None,
+    progress: bool = True,
     **kwargs: Any,
 ) -> GaussianMixture:
     """Fit a :class:`GaussianMixture` to the training split of a DataModule (labels kept per class).
 
     With ``cache_dir`` the fitted parameters are stored there (keyed by the data and settings) and
-    reused, so repeated runs skip the fit.
+    reused, so repeated runs skip the fit. ``progress``: bars over reading the data and the fit, and
+    log lines (a first run waits ~40 s on 2 cores; the cached mixture loads in a second).
     """
     key = json.dumps(
         {
@@ -308,23 +319,42 @@ def fit_from_datamodule(
     cache = Path(cache_dir) / f"gmm-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         return GaussianMixture.from_state(torch.load(cache, weights_only=True), **kwargs)
-    data, targets = _training_arrays(datamodule, subset)
+    started = time.perf_counter()
+    log.info("fitting a Gaussian mixture (once; cached at %s)", cache or "nowhere: cache_dir is null")
+    data, targets = _training_arrays(datamodule, subset, progress)
     model = GaussianMixture.fit(
-        data, targets.clamp(min=0), rank=rank, components_per_class=components_per_class, **kwargs
+        data,
+        targets.clamp(min=0),
+        rank=rank,
+        components_per_class=components_per_class,
+        progress=progress,
+        **kwargs,
     )
     if cache is not None:
         save_torch_atomic(cache, model.to_state())
+    log.info(
+        "fitted %d components of rank %d to %d images in %.1f s",
+        len(model.means),
+        model.rank,
+        len(data),
+        time.perf_counter() - started,
+    )
     return model
 
 
-def _training_arrays(datamodule: Any, subset: int | None) -> tuple[Tensor, Tensor]:
+def _training_arrays(datamodule: Any, subset: int | None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """All (or the first ``subset``) training images and labels of a DataModule."""
     images, labels = [], []
-    for batch_images, batch_labels in DataLoader(datamodule.dataset("train"), batch_size=4096):
+    dataset = datamodule.dataset("train")
+    total = min(len(dataset), subset) if subset is not None else len(dataset)
+    bar = tqdm(total=total, desc="reading training images", unit="img", disable=not progress, leave=False)
+    for batch_images, batch_labels in DataLoader(dataset, batch_size=4096):
         images.append(batch_images)
         labels.append(batch_labels)
+        bar.update(min(len(batch_images), total - bar.n))
         if subset is not None and sum(map(len, images)) >= subset:
             break
+    bar.close()
     if not images:
         fail("the dataset is empty; cannot fit the Gaussian mixture model")
     return torch.cat(images)[:subset], torch.cat(labels)[:subset]

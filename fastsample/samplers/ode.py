@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastsample.samplers.common import Callback, GuidanceFn, bind, report
 from fastsample.samplers.registry import register
-from fastsample.utils.errors import check_range
+from fastsample.utils.errors import check_choice, check_range
 from fastsample.utils.seeding import randn_like
 
 
@@ -98,6 +98,54 @@ def sample_heun(
     return x
 
 
+#: diffusers lowers the order of the last steps (``lower_order_final``) only on grids shorter than this
+LOWER_ORDER_FINAL_BELOW = 15
+#: second-order DPM-Solver++ variants: k-diffusion's / diffusers' default, and diffusers' "heun"
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def final_order_cap(i: int, steps: int, order: int, lower_order_final: bool, euler_at_final: bool) -> int:
+    """The order step ``i`` of ``steps`` may use, by diffusers' rule (DPM-Solver / DEIS multistep).
+
+    ``lower_order_final`` (below :data:`LOWER_ORDER_FINAL_BELOW` steps): first order on the last step
+    and at most second order on the one before, where long extrapolations from few large steps are
+    unstable; ``euler_at_final``: first order on the last step at any step count. A step to sigma = 0
+    returns the denoised estimate in every solver here, so these matter on grids ending above 0.
+    """
+    short = lower_order_final and steps < LOWER_ORDER_FINAL_BELOW
+    if i == steps - 1 and (euler_at_final or short):
+        return 1
+    if i == steps - 2 and short:
+        return min(order, 2)
+    return order
+
+
+def dpmpp_step(
+    x: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    denoised: Tensor,
+    previous: tuple[Tensor, Tensor] | None,
+    solver_type: str = "midpoint",
+) -> Tensor:
+    """One DPM-Solver++ step in ``lambda = -log sigma``: first order, or second order with ``previous``.
+
+    ``previous`` is (denoised, sigma) of the step before. 'midpoint' extrapolates the data prediction
+    to the step's midpoint (k-diffusion, diffusers' default); 'heun' weights the difference by
+    ``phi_2 = expm1(-h) / h + 1`` (diffusers' ``solver_type="heun"``). Both are second order.
+    """
+    h = sigma.log() - sigma_next.log()
+    estimate = denoised
+    if previous is not None and solver_type == "midpoint":
+        half_inverse_ratio = 0.5 * h / (previous[1].log() - sigma.log())
+        estimate = (1 + half_inverse_ratio) * denoised - half_inverse_ratio * previous[0]
+    x = (sigma_next / sigma) * x - torch.expm1(-h) * estimate
+    if previous is not None and solver_type == "heun":
+        ratio = h / (previous[1].log() - sigma.log())
+        x = x + (torch.expm1(-h) / h + 1) * (denoised - previous[0]) * ratio
+    return x
+
+
 @register("dpmpp_2m", order=2)
 def sample_dpmpp_2m(
     denoiser: Any,
@@ -108,25 +156,61 @@ def sample_dpmpp_2m(
     guidance: GuidanceFn | None = None,
     generator: Any = None,
     callback: Callback | None = None,
+    lower_order_final: bool = False,
+    euler_at_final: bool = False,
+    solver_type: str = "midpoint",
 ) -> Tensor:
-    """DPM-Solver++(2M): second-order multistep in ``lambda = -log sigma`` on data predictions."""
+    """DPM-Solver++(2M): second-order multistep in ``lambda = -log sigma`` on data predictions.
+
+    ``lower_order_final`` / ``euler_at_final``: diffusers' few-step rules (:func:`final_order_cap`);
+    ``solver_type``: the second-order variant (:func:`dpmpp_step`). The defaults are k-diffusion's.
+    """
+    check_choice("sampler.solver_type", solver_type, SOLVER_TYPES)
     model = bind(denoiser, cond, guidance)
-    levels = sigmas.tolist()
-    previous: Tensor | None = None
-    for i in range(len(sigmas) - 1):
+    levels, steps = sigmas.tolist(), len(sigmas) - 1
+    previous: tuple[Tensor, Tensor] | None = None
+    for i in range(steps):
         denoised = model(x, sigmas[i])
         if levels[i + 1] == 0:
             x = denoised
         else:
-            h = sigmas[i].log() - sigmas[i + 1].log()
-            estimate = denoised
-            if previous is not None:
-                half_inverse_ratio = 0.5 * h / (sigmas[i - 1].log() - sigmas[i].log())
-                estimate = (1 + half_inverse_ratio) * denoised - half_inverse_ratio * previous
-            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * estimate
-        previous = denoised
+            second = previous if final_order_cap(i, steps, 2, lower_order_final, euler_at_final) > 1 else None
+            x = dpmpp_step(x, sigmas[i], sigmas[i + 1], denoised, second, solver_type)
+        previous = (denoised, sigmas[i])
         report(callback, i, sigmas, x, denoised)
     return x
+
+
+def dpmpp_3m_correct(
+    x: Tensor,
+    denoised: Tensor,
+    history: list[tuple[Tensor, Tensor]],
+    h: Tensor,
+    order: int,
+    solver_type: str,
+    anchor_compatible: bool,
+) -> Tensor:
+    """DPM-Solver++(3M)'s higher-order terms (up to ``order``) added to ``x``, its first-order step.
+
+    ``history`` holds (denoised, h) of the previous steps, newest first. The second-difference term is
+    ``-phi_3 * h^2 x0''``; DPM-Solver's reference code, diffusers and k-diffusion use
+    ``d2 = h^2 x0'' / 2`` with the same ``phi_3``, which makes the local error O(h^3) (measured global
+    order ~2). We use ``2 * d2`` (exact for quadratic ``x0(lambda)``, measured order 3);
+    ``anchor_compatible=True`` reproduces the anchors' update for cross-checks.
+    """
+    phi_2 = torch.expm1(-h) / h + 1
+    if order >= 3:
+        (denoised_1, h_1), (denoised_2, h_2) = history[:2]
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0 = (denoised - denoised_1) / r0
+        d1_1 = (denoised_1 - denoised_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        return x + phi_2 * d1 - (phi_2 / h - 0.5) * (1 if anchor_compatible else 2) * d2
+    denoised_1, h_1 = history[0]
+    if solver_type == "midpoint":  # diffusers' default second-order update of its 3M
+        return x - 0.5 * torch.expm1(-h) * (denoised - denoised_1) * h / h_1
+    return x + phi_2 * (denoised - denoised_1) * h / h_1
 
 
 @register("dpmpp_3m", order=3)
@@ -140,18 +224,22 @@ def sample_dpmpp_3m(
     generator: Any = None,
     callback: Callback | None = None,
     anchor_compatible: bool = False,
+    lower_order_final: bool = False,
+    euler_at_final: bool = False,
+    solver_type: str = "heun",
 ) -> Tensor:
     """DPM-Solver++(3M): third-order multistep (first and second order while warming up).
 
-    The second-difference term is ``-phi_3 * h^2 x0''``; DPM-Solver's reference code, diffusers and
-    k-diffusion use ``d2 = h^2 x0'' / 2`` with the same ``phi_3``, which makes the local error
-    O(h^3) (measured global order ~2). We use ``2 * d2`` (exact for quadratic ``x0(lambda)``, measured
-    order 3); ``anchor_compatible=True`` reproduces the anchors' update for cross-checks.
+    See :func:`dpmpp_3m_correct` for the third-order coefficient (``anchor_compatible``);
+    ``lower_order_final`` / ``euler_at_final``: diffusers' few-step rules (:func:`final_order_cap`);
+    ``solver_type``: the second-order update of the warm-up and lowered steps ('heun' as k-diffusion,
+    'midpoint' as diffusers' default).
     """
+    check_choice("sampler.solver_type", solver_type, SOLVER_TYPES)
     model = bind(denoiser, cond, guidance)
-    levels = sigmas.tolist()
+    levels, steps = sigmas.tolist(), len(sigmas) - 1
     history: list[tuple[Tensor, Tensor]] = []  # (denoised, h) of the previous steps, newest first
-    for i in range(len(sigmas) - 1):
+    for i in range(steps):
         denoised = model(x, sigmas[i])
         if levels[i + 1] == 0:
             x = denoised
@@ -159,18 +247,9 @@ def sample_dpmpp_3m(
             continue
         h = sigmas[i].log() - sigmas[i + 1].log()
         x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised
-        phi_2 = torch.expm1(-h) / h + 1
-        if len(history) >= 2:
-            (denoised_1, h_1), (denoised_2, h_2) = history[:2]
-            r0, r1 = h_1 / h, h_2 / h
-            d1_0 = (denoised - denoised_1) / r0
-            d1_1 = (denoised_1 - denoised_2) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            x = x + phi_2 * d1 - (phi_2 / h - 0.5) * (1 if anchor_compatible else 2) * d2
-        elif history:
-            denoised_1, h_1 = history[0]
-            x = x + phi_2 * (denoised - denoised_1) * h / h_1
+        order = final_order_cap(i, steps, len(history) + 1, lower_order_final, euler_at_final)
+        if order > 1:
+            x = dpmpp_3m_correct(x, denoised, history, h, min(order, 3), solver_type, anchor_compatible)
         history.insert(0, (denoised, h))
         del history[2:]
         report(callback, i, sigmas, x, denoised)

@@ -65,7 +65,14 @@ class Sampler(BaseSampler):
 
     @property
     def nfe(self) -> int:
-        """Model calls for one batch with this step count and knobs (grid ending at sigma = 0)."""
+        """Model calls for one batch with this step count and knobs, on the schedule's grid.
+
+        The NFE rules count a grid ending at 0, whose last step is one call (the denoised estimate)
+        in every solver; a grid ending at sigma_min (``final_sigmas_type``) has only full steps: the
+        cost of ``steps + 1`` steps ending at 0, less that last call.
+        """
+        if getattr(self.schedule, "final_sigmas_type", "zero") == "sigma_min":
+            return self.spec.count_nfe(self.steps + 1, self.solver_knobs) - 1
         return self.spec.count_nfe(self.steps, self.solver_knobs)
 
     def sigmas(self, model: Any) -> Tensor:

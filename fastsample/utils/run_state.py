@@ -7,12 +7,15 @@ A job that writes its results in parts (``sample.py``'s shards) keeps ``run_stat
 - ``progress``: finished parts and items (samples) of the planned ones; ``finished``: the part names;
 - ``status`` (``running`` / ``finished``), ``attempts`` (how many runs worked on the folder), timestamps.
 
-The state is written (atomically) before the first part, so a part on disk always has a state beside
-it. A rerun into the same folder with the same settings resumes: only missing parts are made. A rerun
-with different settings is refused, naming the first setting that differs, because its parts would be
-mixed with the old ones under the same names. The parts on disk are the truth: the state's ``finished``
-list is refreshed from them (at most every few seconds while running) and may lag a killed run by one
-interval; it is a report, never used to skip work.
+The state is written (atomically) right before the first part, so a part on disk always has a state
+beside it, and a run that fails before it has produced anything (a setting refused at the first batch)
+writes nothing: the corrected rerun finds the folder as it was. A state whose folder holds no part at
+all (a run killed before its first part) does not bind the folder either: a rerun with other settings
+takes it over, as nothing could mix. A rerun into the same folder with the same settings resumes: only
+missing parts are made. A rerun with different settings is refused, naming the first setting that
+differs, because its parts would be mixed with the old ones under the same names. The parts on disk
+are the truth: the state's ``finished`` list is refreshed from them (at most every few seconds while
+running) and may lag a killed run by one interval; it is a report, never used to skip work.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class RunState:
         self.interval_s = interval_s
         self.attempts, self.created = 1, _now()
         self._written = -float("inf")
+        self._started = False
 
     @property
     def path(self) -> Path:
@@ -151,19 +155,38 @@ class RunState:
             fail(f"{self.where}: {STATE_FILE} is not a fastsample run state; use another output_dir")
         return stored
 
-    def claim(self) -> RunState:
-        """Start or resume the folder: refuse another job's folder, clear dead writers' temporaries."""
+    def claim(self, start: bool = True) -> RunState:
+        """Start or resume the folder: refuse another job's folder, clear dead writers' temporaries.
+
+        With ``start=False`` nothing is written yet: the job calls :meth:`start` right before it writes
+        its first part (:meth:`progress` and :meth:`finish` start it too), so a run that fails before
+        producing anything leaves the folder untouched.
+        """
         stored = self.read()
         if stored is None:
             self._refuse_unowned_parts()
-        else:
+        elif self._holds_parts() or stored.get("kind") != self.kind:
             self._check_same_job(stored)
             self.attempts = int(stored.get("attempts", 0)) + 1
             self.created = stored.get("created", self.created)
+        # else: a state without a single part (a run killed before its first): nothing can mix, take over
         for folder in {part.parent for part in self.parts} | {self.root}:
             remove_stale_temporaries(folder)
-        self.write("running")
+        if start:
+            self.start()
         return self
+
+    def start(self) -> None:
+        """Write the ``running`` state (once): call before the first part is written."""
+        if not self._started:
+            self.write("running")
+
+    def _holds_parts(self) -> bool:
+        """Whether the part folders hold any finished file (temporaries aside), of this run or another."""
+        for folder in {part.parent for part in self.parts}:
+            if folder.is_dir() and any(not name.startswith(".") for name in os.listdir(folder)):
+                return True
+        return False
 
     def _refuse_unowned_parts(self) -> None:
         present = [part for part in self.parts if part.exists()]
@@ -201,7 +224,7 @@ class RunState:
 
     def progress(self) -> None:
         """Record progress, at most every ``interval_s`` seconds (call after each finished part)."""
-        if time.monotonic() - self._written >= self.interval_s:
+        if not self._started or time.monotonic() - self._written >= self.interval_s:
             self.write("running")
 
     def finish(self, **extra: Any) -> None:
@@ -230,13 +253,16 @@ class RunState:
             **extra,
         }
         write_json_atomic(self.path, state)
-        self._written = time.monotonic()
+        self._written, self._started = time.monotonic(), True
 
 
 def _show(settings: Mapping[str, Any], key: str) -> str:
     return repr(settings[key]) if key in settings else "<unset>"
 
 
-def claim_sample_dir(cfg: Mapping | DictConfig, out_dir: Path, shards: Mapping[Path, int]) -> RunState:
-    """The run state of ``sample.py``'s ``out_dir`` with planned ``shards`` (file -> seeds), claimed."""
-    return RunState(out_dir, "sample", job_settings(cfg, SAMPLE_IGNORED), shards).claim()
+def claim_sample_dir(
+    cfg: Mapping | DictConfig, out_dir: Path, shards: Mapping[Path, int], start: bool = True
+) -> RunState:
+    """The run state of ``sample.py``'s ``out_dir`` with planned ``shards`` (file -> seeds), claimed
+    (``start=False``: checked now, written by :meth:`RunState.start` before the first shard)."""
+    return RunState(out_dir, "sample", job_settings(cfg, SAMPLE_IGNORED), shards).claim(start=start)

@@ -50,21 +50,64 @@ def randn_like(x: Tensor, generator: SeedNoise | torch.Generator | None = None) 
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
-def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """Parse ``"0-99"``, ``"0,5,7"``, ``"0-9,20"``, an int count or a list into a list of seeds."""
+#: seeds are torch generator seeds: non-negative 64-bit integers
+MAX_SEED = 2**63 - 1
+
+
+def parse_seeds(spec: str | int | Sequence[int], setting: str = "seeds") -> list[int]:
+    """Parse ``"0-99"``, ``"0,5,7"``, ``"0-9,20"``, an int count or a list into a list of seeds.
+
+    Anything else (``abc``, a negative count, ``2.5``, a descending range) is a UserError naming
+    ``setting``: a wrong seed list must not run (or run nothing) silently.
+    """
+    if isinstance(spec, bool) or not isinstance(spec, (str, int)) and not _is_sequence(spec):
+        _bad_seeds(setting, spec)
     if isinstance(spec, int):
+        if spec < 0:
+            fail(
+                f"{setting}={spec} is not allowed: a count must be >= 0 ({setting}=5 gives seeds 0-4), "
+                f"and seeds are >= 0 (write a range as {setting}=0-4)"
+            )
         return list(range(spec))
     if not isinstance(spec, str):
-        return [int(s) for s in spec]
+        return [_seed(setting, item, spec) for item in spec]
     seeds: list[int] = []
     for part in spec.split(","):
         part = part.strip()
         if "-" in part:
-            first, last = part.split("-")
-            seeds.extend(range(int(first), int(last) + 1))
+            first, _, last = part.partition("-")
+            low, high = _seed(setting, first, spec), _seed(setting, last, spec)
+            if high < low:
+                fail(f"{setting}={spec!r} has the descending range {part}; write it as {high}-{low}")
+            seeds.extend(range(low, high + 1))
         elif part:
-            seeds.append(int(part))
+            seeds.append(_seed(setting, part, spec))
     return seeds
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list-like config value (OmegaConf's ListConfig is no ``Sequence`` subclass)."""
+    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, (str, dict))
+
+
+def _seed(setting: str, item: Any, spec: Any) -> int:
+    """One seed of ``spec``: a non-negative integer (``"7"`` or ``7``), else a UserError."""
+    if isinstance(item, bool):
+        _bad_seeds(setting, spec)
+    try:
+        value = int(item.strip()) if isinstance(item, str) else item
+    except ValueError:
+        _bad_seeds(setting, spec)
+    if not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        _bad_seeds(setting, spec)
+    return value
+
+
+def _bad_seeds(setting: str, spec: Any) -> None:
+    fail(
+        f"{setting}={spec!r} is not a seed list; give a range ({setting}=0-99), a list ({setting}=0,5,9 or "
+        f"{setting}=[0,5,9]), or a count ({setting}=100); seeds are integers >= 0"
+    )
 
 
 def labels_for(seeds: list[int], mode: Any, num_classes: int | None) -> torch.Tensor | None:
