@@ -146,3 +146,32 @@ def test_checkpoint_from_before_a_new_setting_still_resumes():
     saved = {key: value for key, value in asdict(quick("v_cosine")).items() if key != "snr_gamma"}
     assert foreign_models.same_recipe(saved, quick("v_cosine"))
     assert not foreign_models.same_recipe(saved, replace(quick("v_cosine"), snr_gamma=5.0))
+
+
+def test_rows_of_other_weights_are_not_reused(trained: Path, tmp_path: Path):
+    """A retrained model (other weights) in the same folder gets fresh rows, not the old model's."""
+    out = tmp_path / "bench"
+    argv = ["--quick", "--no-references", "--diffusers", "DDIM", "--out", str(out)]
+    argv += ["--models", f"m={trained / 'eps_linear'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = foreign_benchmark.main(argv)
+    path = out / "m" / "rows.csv"
+    path.write_text(path.read_text().replace(first[0]["weights"], "000000000000"))
+    second = foreign_benchmark.main(argv)
+    assert len(second) == 1 and second[0]["weights"] == first[0]["weights"]
+
+
+def test_a_failing_sampler_is_a_row_not_the_end(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """diffusers' UniPC + Karras sigmas asserts on the cosine table: the run goes on and the table
+    says ``fails``."""
+
+    def broken(*args, **kwargs):
+        raise AssertionError("this_order > 0")
+
+    monkeypatch.setattr(foreign_benchmark, "score_both", broken)
+    argv = ["--quick", "--no-references", "--diffusers", "DDIM", "--out", str(tmp_path / "bench")]
+    argv += ["--models", f"m={trained / 'v_cosine'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    (row,) = foreign_benchmark.main(argv)
+    assert row["error"] == "AssertionError: this_order > 0" and row["fid_classifier"] is None
+    assert "| DDIM | fails |" in (tmp_path / "bench" / "foreign_models.md").read_text()

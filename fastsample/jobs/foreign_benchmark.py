@@ -17,7 +17,8 @@ Python. A row's step count is searched so that its NFE is the budget's (the larg
 budget where none hits it, e.g. Heun's 2 steps - 1), unless its overrides set ``sampler.steps``.
 
 Results go to ``<out>/<model>/rows.csv`` after every row; a rerun skips the rows already there (same
-model, row, budget and seeds), so an interrupted run resumes and other rows can be added later.
+model weights, row, budget and seeds), so an interrupted run resumes and other rows can be added
+later; rows of other weights (the model was retrained) are dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import csv
 import io
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +38,8 @@ import torch
 from fastsample.jobs.benchmark import compose, fmt, parse_sampler_spec
 from fastsample.jobs.evaluation import PreviewGrid, build_evaluator, prepare_reference
 from fastsample.jobs.setup import Setup, plan, resolve_device
-from fastsample.utils.errors import fail, find_user_error
+from fastsample.utils.errors import brief, fail, find_user_error
+from fastsample.utils.hashing import module_hash
 from fastsample.utils.instantiation import instantiate
 from fastsample.utils.io import write_bytes_atomic
 
@@ -104,6 +105,8 @@ COLUMNS = [
     "class_accuracy",
     "sampling_s",
     "seeds",
+    "error",  # why the row has no scores (the sampler failed on this model)
+    "weights",  # short hash of the model's weights (fastsample.utils.hashing.module_hash)
 ]
 
 
@@ -242,8 +245,9 @@ def run_model(settings: ForeignBenchSettings, entry: str, judges_cache: dict) ->
     judges = judges_cache["judges"]
     setup = plan(cfg, device=device)
     folder = Path(settings.out) / name
-    rows = [row for row in read_rows(folder / "rows.csv") if row["seeds"] == settings.seeds]
-    done = {(row["row"], row["budget"]) for row in rows}
+    weights = module_hash(setup.model)  # rows of other weights (a retrained model) are dropped
+    rows = [row for row in read_rows(folder / "rows.csv") if row["weights"] == weights]
+    done = {(row["row"], row["budget"]) for row in rows if row["seeds"] == settings.seeds}
     warm_up(setup, base, judges)
     print(f"{name}: {setup.describe()['model']}; {len(setup.seeds)} samples ({settings.seeds})", flush=True)
     plan_rows = [(row, 0) for row in settings.references]
@@ -251,24 +255,40 @@ def run_model(settings: ForeignBenchSettings, entry: str, judges_cache: dict) ->
     for row, budget in plan_rows:
         if (row.label, budget) in done:
             continue
-        sampler = sampler_for(base, row, budget, setup.model)
-        preview = PreviewGrid(64) if row.once else None
-        scores = score_both(replace(setup, sampler=sampler), judges, preview)
-        if preview is not None:
+        result = {
+            "model": name,
+            "row": row.label,
+            "budget": budget,
+            **run_row(setup, base, row, budget, judges),
+        }
+        if (preview := result.pop("preview", None)) is not None:
             preview.save(folder / f"grid-{slug(row.label)}.png")
-        result = {"model": name, "row": row.label, "budget": budget, "steps": sampler.steps, **scores}
-        rows.append({**result, "seeds": settings.seeds})
+        rows.append({**result, "seeds": settings.seeds, "weights": weights})
         write_rows(folder / "rows.csv", rows)
-        print(f"  {row_line(result)}", flush=True)
+        if not result.get("error"):
+            print(f"  {row_line(result)}", flush=True)
     return rows
+
+
+def run_row(setup: Setup, base: list[str], row: Row, budget: int, judges: Judges) -> dict[str, Any]:
+    """Steps, NFE and scores of one row; a sampler that fails on this model (diffusers' UniPC with
+    Karras sigmas on a cosine table repeats timesteps and trips an assertion) is a row with its error."""
+    sampler = sampler_for(base, row, budget, setup.model)
+    preview = PreviewGrid(64) if row.once else None
+    try:
+        scores = score_both(replace(setup, sampler=sampler), judges, preview)
+    except Exception as err:  # a third-party scheduler's failure is a result, not the end of the run
+        print(f"  {row.label} at NFE <= {budget} failed: {brief(err)}", flush=True)
+        return {"steps": sampler.steps, "nfe": sampler.nfe, "error": brief(err)}
+    return {"steps": sampler.steps, **scores, "preview": preview}
 
 
 def warm_up(setup: Setup, base: list[str], judges: Judges) -> None:
     """One tiny run first: first-call overheads must not land on the first row's time."""
     sampler = build_sampler(base, Row("warm-up", ("sampler=euler",)), 1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FID of 4 samples: meaningless, and nobody reads it
-        replace(setup, sampler=sampler).score(judges.classifier, setup.seeds[:4])
+    images = replace(setup, sampler=sampler).generate(setup.seeds[:4])
+    for judge in (judges.classifier, judges.random_conv):
+        judge.extractor(images.float())
 
 
 def slug(label: str) -> str:
@@ -317,6 +337,8 @@ def read_rows(path: Path) -> list[dict]:
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
+        row.setdefault("weights", "")
+        row["error"] = row.get("error") or None
         for key in ("budget", "steps", "nfe"):
             row[key] = int(row[key])
         for key in ("fid_classifier", "fid_random_conv", "class_accuracy", "sampling_s"):
@@ -370,7 +392,8 @@ def pivot_table(rows: Sequence[dict], key: str) -> str:
         if row["budget"]:
             note = "" if row["nfe"] == row["budget"] else f" ({row['nfe']})"
             digits = 3 if key == "class_accuracy" else 4
-            cells.setdefault(row["row"], {})[row["budget"]] = fmt(row[key], digits) + note
+            value = "fails" if row.get("error") else fmt(row[key], digits)
+            cells.setdefault(row["row"], {})[row["budget"]] = value + note
     best = {budget: best_cell(rows, key, budget) for budget in budgets}
     lines = [
         "| sampler | " + " | ".join(f"NFE {budget}" for budget in budgets) + " |",
@@ -462,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ForeignBenchSettings, boo
 
 
 def settings_from(args: argparse.Namespace, overrides: list[str]) -> ForeignBenchSettings:
-    rows = pick_defaults(",".join(QUICK["rows"]) if args.quick else args.diffusers)
+    quick_rows = args.quick and args.diffusers == "all"  # --quick: two rows unless --diffusers says
+    rows = pick_defaults(",".join(QUICK["rows"]) if quick_rows else args.diffusers)
     rows += tuple(Row(spec, spec=spec) for spec in args.samplers.split(",") if spec)
     rows += tuple(parse_row(text) for text in args.row)
     references = (

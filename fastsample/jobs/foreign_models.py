@@ -58,6 +58,7 @@ class Recipe:
     batch_size: int = 64
     lr: float = 1.5e-3
     warmup: int = 200
+    cycles: int = 1  # cosine cycles with warm restarts (each: warmup, then cosine decay to 0)
     weight_decay: float = 1e-6  # diffusers' train_unconditional.py default (adam_weight_decay)
     ema_decay: float = 0.999
     # diffusers' --snr_gamma (Min-SNR-gamma loss weights, train_text_to_image.py); None: plain MSE
@@ -69,11 +70,12 @@ class Recipe:
 
 
 RECIPES = {
-    # Min-SNR-5 for the eps model: with plain MSE the low-noise steps dominate its loss, and after
-    # 1200 steps its eps at sigma 20..157 still missed each image's mean (DC) by 0.023 RMS, which an ODE
-    # integrates into a drift of ~3 (samples saturate at any step count); the weights give the
-    # high-noise steps their share of the gradient.
-    "eps_linear": Recipe("eps_linear", "epsilon", "linear", snr_gamma=5.0),
+    # The eps model learns slower than the v model (docs/tuning.md): Min-SNR-5 because with plain MSE
+    # the low-noise steps dominate its loss, and after 1200 steps its eps at sigma 20..157 still missed
+    # each image's mean (DC) by 0.023 RMS, which an ODE integrates into a drift of ~3 (samples saturate
+    # at any step count); two cosine cycles (6000 steps) because after one (3000) its converged ODE
+    # samples were no better than 5-step ones (FID 0.075 vs 0.063): nothing left for a tuner to win.
+    "eps_linear": Recipe("eps_linear", "epsilon", "linear", steps=6000, cycles=2, snr_gamma=5.0),
     "v_cosine": Recipe("v_cosine", "v_prediction", "squaredcos_cap_v2"),
 }
 
@@ -185,10 +187,16 @@ def min_snr_weights(scheduler: Any, t: Tensor, gamma: float) -> Tensor:
 
 
 def learning_rate_factor(recipe: Recipe, step: int) -> float:
-    """Linear warmup, then cosine decay to zero (diffusers' ``get_scheduler("cosine")``)."""
+    """Linear warmup, then cosine decay to zero (diffusers' ``get_scheduler("cosine")``), once per
+    cycle: with ``cycles > 1`` the first ``steps / cycles`` steps are exactly a one-cycle run of that
+    length, so a longer recipe continues a shorter one's checkpoint."""
+    length = recipe.steps // recipe.cycles
+    if step >= length * recipe.cycles:  # the remainder of steps not divisible by cycles
+        return 0.0
+    step %= length
     if step < recipe.warmup:
         return (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    progress = (step - recipe.warmup) / max(1, length - recipe.warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
