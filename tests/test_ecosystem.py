@@ -541,3 +541,15 @@ def test_channels_last_and_compile_are_wired_from_the_config(tiny_net_factory, t
     assert described["model"] == mixture.inner.identity()  # schedule files still match the model
     with pytest.raises(UserError, match="network_precision"):
         NetworkOptions(network_precision="float8")
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_import_makes_openmp_threads_sleep_unless_told(given: str | None, expected: str):
+    """``import fastsample`` (the entry points' first import) sets OMP_WAIT_POLICY=PASSIVE before torch
+    loads, so direct ``python sample.py`` runs get what the Makefile exports; an explicit value wins."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, fastsample; print(os.environ['OMP_WAIT_POLICY'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == expected, result.stderr
