@@ -40,6 +40,29 @@ def test_outputs_are_complete(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["nfe"] == summary["nfe"] == 7 and run["sampler"] == "heun"
     assert run["images_per_s"] > 0 and (out / "grid.png").stat().st_size > 0
+    assert run["schedule"] == "karras" and run["schedule_settings"] == {}
+
+
+def test_run_json_records_what_rebuilds_the_grid(tmp_path):
+    """Not just the kind: spacing, convention and the final level change the grid (diffusers' knobs)."""
+    settings = [
+        "kind=time_uniform",
+        "spacing=trailing",
+        "convention=multistep",
+        "final_sigmas_type=sigma_min",
+    ]
+    generate(
+        sample_config(
+            tmp_path, "sampler=dpmpp_2m", "sampler.steps=4", *(f"sampler.schedule.{s}" for s in settings)
+        )
+    )
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["schedule"] == "time_uniform"
+    assert run["schedule_settings"] == {
+        "spacing": "trailing",
+        "convention": "multistep",
+        "final_sigmas_type": "sigma_min",
+    }
 
 
 #: the batch-size tolerance conf/sample.yaml and the README state: float rounding of batched kernels,

@@ -9,6 +9,7 @@ through every job (``tests/test_jobs.py`` checks it byte for byte).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from fastsample.diffusion.accel import NetworkOptions, apply_network_options
+from fastsample.diffusion.schedules import ScheduleSpec
 from fastsample.guidance import GuidanceTask
 from fastsample.guidance.base import GuidanceBatch
 from fastsample.samplers import Sampler
@@ -260,6 +262,19 @@ def data_shape(cfg: DictConfig, model: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def schedule_settings(schedule: Any) -> dict[str, Any]:
+    """The schedule's settings other than ``kind`` that differ from :class:`ScheduleSpec`'s defaults
+    (spacing, convention, final level, bounds, ...): with ``kind`` they rebuild the grid. An explicit
+    sigma list is left out (the sampler's grid is recorded with its samples)."""
+    if not isinstance(schedule, ScheduleSpec):
+        return {}
+    default = ScheduleSpec()
+    names = [item.name for item in dataclasses.fields(ScheduleSpec) if item.name not in ("kind", "sigmas")]
+    return {
+        name: getattr(schedule, name) for name in names if getattr(schedule, name) != getattr(default, name)
+    }
+
+
 def describe_run(sampler: Sampler, model: Any, guidance: Any = None) -> dict[str, Any]:
     """What was sampled with what: recorded in run.json and in evaluation results."""
     description = {
@@ -267,6 +282,7 @@ def describe_run(sampler: Sampler, model: Any, guidance: Any = None) -> dict[str
         "steps": sampler.steps,
         "nfe": sampler.nfe,
         "schedule": sampler.schedule.kind,
+        "schedule_settings": schedule_settings(sampler.schedule),
         "knobs": dict(sampler.knobs),
         "model": model.identity() if hasattr(model, "identity") else type(model).__name__,
     }
