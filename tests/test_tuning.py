@@ -18,9 +18,11 @@ from fastsample.diffusion import CountingDenoiser
 from fastsample.jobs.sampling import generate
 from fastsample.jobs.setup import plan
 from fastsample.jobs.tuning import tune
+from fastsample.jobs.tuning_candidates import ending_at_zero
 from fastsample.jobs.tuning_scores import build_space, halving_survivors
 from fastsample.samplers.base import BaseSampler
-from fastsample.samplers.tuned import TunedSampler, load_sampler, save_tuned_file
+from fastsample.samplers.ggdm import GGDMSampler
+from fastsample.samplers.tuned import TunedSampler, ggdm_learned_state, load_sampler, save_tuned_file
 from fastsample.utils.errors import UserError
 from fastsample.utils.instantiation import instantiate
 
@@ -45,6 +47,7 @@ TUNE = [
         + ("karras_80", "karras_rho3_80", "loglinear_80", "loglinear_30", "karras_rho3_30")
     ),
     "tune.screen.top=2",
+    "tune.screen.solvers=[dpmpp_2m,unipc_2]",
     "tune.rounds=[32,96]",
     "tune.select_seeds=300000-300095",
     "tune.report_seeds=0-95",
@@ -55,6 +58,9 @@ TUNE = [
     "tune.search.quality.iterations=2",
     "tune.search.quality.samples=16",
     "tune.search.quality.validation_seeds=500000-500031",
+    "tune.search.ggdm.iterations=2",
+    "tune.search.ggdm.samples=16",
+    "tune.search.ggdm.validate_every=1",
     "~tune.report_features.classifier",  # the shipped classifier is for 28x28 Fashion-MNIST
     "~tune.report_features.inception",
     "+features@tune.report_features.pixels=pixels",
@@ -88,13 +94,20 @@ def test_the_job_writes_a_tuned_sampler_file(tuned):
     cfg, summary, content = tuned
     assert Path(summary["path"]).name == "tuned-nfe4.yaml"
     assert content["format"] == "fastsample-tuned/1" and content["nfe"] == 4
-    assert content["solver"] in ("dpmpp_2m", "unipc") and content["model"]["class"] == "GaussianMixture"
+    assert (
+        content["solver"] in ("dpmpp_2m", "unipc", "ggdm") and content["model"]["class"] == "GaussianMixture"
+    )
     assert content["selection"]["features"]["features"].startswith("random_conv1")
     assert set(content["report"]["scores"]["fid"]) == {"random_conv0", "pixels", "select"}
     assert "inception" not in content["report"]["features"]
     keys = [row["key"] for row in content["candidates"]]
     assert len(keys) == len(set(keys))
-    for method in ("gits", "ays", "quality"):  # searched for the leading solver, scored like the others
+    for method in (
+        "gits",
+        "ays",
+        "quality",
+        "ggdm",
+    ):  # searched for the leading solver, scored like the others
         (row,) = [row for row in content["candidates"] if row["key"].endswith(f"/{method}")]
         # (a search that keeps its start grid draws the leader's samples: skipped as a repeat)
         scored = "32" in row.get("selection", {}) or row["reason"].startswith("same samples as")
@@ -232,6 +245,33 @@ def test_tuned_sampler_runs_on_any_denoiser(tmp_path, toy_gmm):
         save_tuned_file(tmp_path / "bad.yaml", {"solver": "dpmpp_2m", "sigmas": [1.0, 2.0, 0.0]})
     with pytest.raises(UserError, match="no such tuned-sampler file"):
         load_sampler(tmp_path / "missing.yaml")
+
+
+def test_a_learned_ggdm_sampler_round_trips_through_a_tuned_file(tmp_path, toy_gmm):
+    """The tuner's GGDM candidate is written as settings + parameters; the file runs the very sampler."""
+    ggdm = GGDMSampler([80.0, 5.0, 0.5, 0.0], learn_noise=False)
+    with torch.no_grad():  # some learned-looking parameters, not the DDIM start
+        for parameter in ggdm.parameters():
+            parameter.copy_(0.1 * torch.randn(parameter.shape, dtype=parameter.dtype))
+    content = {"solver": "ggdm", "knobs": ggdm.settings(), "sigmas": ggdm.sigmas().tolist()}
+    path = save_tuned_file(tmp_path / "g.yaml", {**content, "learned": ggdm_learned_state(ggdm)})
+    sampler = load_sampler(path)
+    noise = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampler.sample(toy_gmm, noise), ggdm.sample(toy_gmm, noise))
+    assert sampler.nfe == 3 and sampler.knobs["solver"] == "ggdm"
+    with pytest.raises(UserError, match="needs 'learned'"):
+        save_tuned_file(tmp_path / "bare.yaml", content)
+    moved = {**content, "sigmas": [80.0, 4.0, 0.5, 0.0], "learned": ggdm_learned_state(ggdm)}
+    with pytest.raises(UserError, match="not the learned GGDM levels"):
+        save_tuned_file(tmp_path / "moved.yaml", moved)
+
+
+def test_searches_start_from_the_leaders_grid_ending_at_zero():
+    """A leader on a grid ending at sigma_min (final_sigmas_type) once made AYS and the quality search
+    fail ("must end at 0"); they start from its grid with the last level at 0, same step count."""
+    grid = torch.tensor([80.0, 5.0, 0.5, 0.002], dtype=torch.float64)
+    assert ending_at_zero(grid).tolist() == [80.0, 5.0, 0.5, 0.0] and grid[-1] == 0.002
+    assert ending_at_zero(torch.tensor([80.0, 1.0, 0.0])).tolist() == [80.0, 1.0, 0.0]
 
 
 def test_successive_halving_keeps_the_best_and_drops_the_far_worse():

@@ -66,7 +66,7 @@ class Tuning:
 
     cfg: DictConfig
     setup: Setup
-    seeds: dict[str, list[int]]  # search, select, report (disjoint), quality (the quality search's)
+    seeds: dict[str, list[int]]  # search, select, report (disjoint), quality / ggdm (the KID searches')
     select: Space
     report: dict[str, Space]
     skipped_spaces: dict[str, str]
@@ -103,18 +103,14 @@ def tuning_seeds(settings: DictConfig) -> dict[str, list[int]]:
     seeds = {name: parse_seeds(settings[f"{name}_seeds"]) for name in ("search", "select", "report")}
     rounds = [int(n) for n in settings.rounds]
     if not rounds or rounds != sorted(rounds) or rounds[0] < 2:
-        fail(f"tune.rounds={rounds} must be increasing seed counts of at least 2, e.g. [64, 256, 1024]")
+        fail(f"tune.rounds={rounds} must be increasing seed counts of at least 2, e.g. [256, 512, 1024]")
     if rounds[-1] > len(seeds["select"]):
         fail(f"tune.rounds ends at {rounds[-1]} seeds but tune.select_seeds has only {len(seeds['select'])}")
     if len(seeds["report"]) < 2:
         fail("tune.report_seeds needs at least 2 seeds, e.g. tune.report_seeds=0-999")
-    quality = settings.search.quality
-    seeds["quality"] = []
-    if "quality" in settings.search.methods:
-        seeds["quality"] = parse_seeds(quality.validation_seeds) + iteration_seeds(
-            quality.seed_offset, 0, quality.iterations * quality.samples
-        )
-    used = {"search": seeds["search"], "select": seeds["select"], "search.quality": seeds["quality"]}
+    seeds.update(learning_seeds(settings.search))
+    used = {name: seeds[name] for name in ("search", "select")}
+    used |= {"search.quality": seeds["quality"], "search.ggdm": seeds["ggdm"]}
     for name, values in used.items():
         overlap = sorted(set(values) & set(seeds["report"]))
         if overlap:
@@ -122,9 +118,22 @@ def tuning_seeds(settings: DictConfig) -> dict[str, list[int]]:
                 f"tune.report_seeds overlap tune.{name} seeds (e.g. {overlap[0]}); the report must use "
                 "seeds the tuner never saw"
             )
-    if set(seeds["select"]) & set(seeds["search"] + seeds["quality"]):
-        fail("tune.select_seeds overlap the search seeds (tune.search_seeds or the quality search's)")
+    if set(seeds["select"]) & set(seeds["search"] + seeds["quality"] + seeds["ggdm"]):
+        fail("tune.select_seeds overlap the search seeds (tune.search_seeds, the quality search's or GGDM's)")
     return seeds
+
+
+def learning_seeds(search: DictConfig) -> dict[str, list[int]]:
+    """The seeds of the KID-driven searches: the quality search's (its validation seeds and iterations)
+    and GGDM's (the same validation seeds, its own iterations); empty for a method that does not run."""
+    methods = set(search.methods)
+    validation = parse_seeds(search.quality.validation_seeds) if {"quality", "ggdm"} & methods else []
+    found = {"quality": [], "ggdm": []}
+    for method in ("quality", "ggdm"):
+        if method in methods:
+            node = search[method]
+            found[method] = validation + iteration_seeds(node.seed_offset, 0, node.iterations * node.samples)
+    return found
 
 
 def check_settings(settings: DictConfig) -> None:
@@ -205,7 +214,8 @@ def prepare_tuning(cfg: DictConfig) -> Tuning:
     seeds = tuning_seeds(settings)
     setup = plan(cfg, seeds=seeds["select"])
     methods = list(settings.search.methods)
-    keep = settings.search.quality.real_features if "quality" in methods else 0
+    learning = {"quality", "ggdm"} & set(methods)  # the KID searches (real features for the loss)
+    keep = settings.search.quality.real_features if learning else 0
     select = build_space(cfg, "select", settings.select_features, settings.select_split, setup.device, keep)
     report, skipped = build_report_spaces(cfg, setup.device)
     out_dir = Path(settings.output) if settings.get("output") else Path(cfg.output_dir)
@@ -217,7 +227,7 @@ def prepare_tuning(cfg: DictConfig) -> Tuning:
     )
     if {"gits", "ays"} & set(methods):
         search.make_teacher = make_teacher(tuning)
-    if "quality" in methods:
+    if learning:
         search.objective = quality_objective(tuning)
         search.validation_seeds = parse_seeds(settings.search.quality.validation_seeds)
     return tuning
@@ -433,7 +443,7 @@ def candidate_row(candidate: Candidate) -> dict[str, Any]:
     }
     if candidate.skipped is not None:
         return {**row, "status": "skipped", "reason": candidate.skipped}
-    row["knobs"] = candidate.sampler.inner.knobs  # all of them, defaults included
+    row["knobs"] = candidate.sampler.solver_knobs  # all of them, defaults included
     row["steps"] = candidate.sampler.steps
     row["nfe"] = candidate.sampler.nfe
     row["sigmas"] = candidate.sampler.grid.tolist()
@@ -454,10 +464,11 @@ def tuned_content(
         "nfe": nfe,
         "steps": best.sampler.steps,
         "solver": best.name,
-        "knobs": best.sampler.inner.knobs,
+        "knobs": best.sampler.solver_knobs,
         "candidate": best.key,
         "schedule": best.schedule,
         "sigmas": best.sampler.grid.tolist(),
+        **({"learned": best.sampler.learned} if best.sampler.learned is not None else {}),
         "model": model_description(cfg, tuning.setup.model),
         "class_labels": cfg.get("class_labels"),
         "precision": cfg.get("precision", "float32"),

@@ -1,9 +1,11 @@
 """The candidates of ``sample.py mode=tune``: solver x few-step knobs x schedule family from the config,
 plus schedules searched for the leading solvers (GITS / AYS on shared teacher trajectories, the
-quality search on the selection features).
+quality search on the selection features) and a GGDM sampler learned from the leader's grid (DDSS on the
+same features).
 
 Every candidate is a :class:`~fastsample.samplers.tuned.TunedSampler` (a solver with its knobs on an
-explicit grid): what is scored is bit for bit what the tuned-sampler file runs.
+explicit grid, or the learned GGDM's coefficients): what is scored is bit for bit what the tuned-sampler
+file runs.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, make_sigmas
 from fastsample.samplers import SAMPLERS, Sampler, get_sampler
-from fastsample.samplers.tuned import TunedSampler
+from fastsample.samplers.ggdm import GGDMSampler
+from fastsample.samplers.tuned import TunedSampler, ggdm_learned_state
 from fastsample.schedule_search.ays import ays_search
 from fastsample.schedule_search.gits import gits_search, step_costs
-from fastsample.schedule_search.quality import QualityObjective, quality_search
+from fastsample.schedule_search.quality import QualityObjective, learn_ggdm, quality_search
 from fastsample.schedule_search.trajectories import Trajectories, steps_for_nfe
 from fastsample.utils.errors import UserError, fail
 
 log = logging.getLogger(__name__)
 
 #: searched-schedule methods the tuner runs (schedule_search's algorithms)
-SEARCH_METHODS = ("gits", "ays", "quality")
+SEARCH_METHODS = ("gits", "ays", "quality", "ggdm")
 
 
 @dataclass
@@ -64,7 +67,14 @@ class Candidate:
         included), the exact grid."""
         if self.sampler is None:
             return {"name": self.name, "knobs": self.knobs, "schedule": self.schedule}
-        return {"name": self.name, "knobs": self.sampler.inner.knobs, "sigmas": self.sampler.grid.tolist()}
+        setting = {
+            "name": self.name,
+            "knobs": self.sampler.solver_knobs,
+            "sigmas": self.sampler.grid.tolist(),
+        }
+        if self.sampler.learned is not None:  # a learned GGDM sampler: its coefficients too
+            setting["learned"] = self.sampler.learned
+        return setting
 
     def last_fid(self) -> float:
         """Selection FID on the largest seed set it was scored on (inf when never scored)."""
@@ -242,11 +252,20 @@ class SearchContext:
         return self._teacher
 
 
+def ending_at_zero(grid: Tensor) -> Tensor:
+    """The grid a search starts from: the leader's, its last level set to 0 when it ends at sigma_min
+    (``final_sigmas_type=sigma_min``; same step count). AYS, the quality search and GGDM move levels
+    above a final 0 and parametrize the last positive level themselves."""
+    start = grid.clone()
+    start[-1] = 0.0
+    return start
+
+
 def search_grid(context: SearchContext, method: str, leader: Candidate) -> tuple[Tensor, dict[str, Any]]:
     """The grid ``method`` finds for the leader's solver at its step count (AYS / quality start from
     the leader's own grid: the best hand-designed schedule of that solver)."""
     settings, model, guidance = context.settings, context.model, context.guidance
-    init = leader.sampler.grid
+    init = ending_at_zero(leader.sampler.grid)
     sampler = Sampler(
         leader.name, leader.sampler.steps, ScheduleSpec(kind="explicit", sigmas=init.tolist()), **leader.knobs
     )
@@ -276,24 +295,40 @@ def search_grid(context: SearchContext, method: str, leader: Candidate) -> tuple
             lr=settings.ays.lr,
             **common,
         )
-    quality = settings.quality
     objective = dataclasses.replace(context.objective, sampler=sampler)
-    return quality_search(
-        objective,
-        init,
-        sigma_floor=context.floor,
-        validation_seeds=context.validation_seeds,
-        seed_offset=quality.seed_offset,
-        samples=quality.samples,
-        iterations=quality.iterations,
-        lr=quality.lr,
-        validate_every=quality.validate_every,
-        progress=context.progress,
+    return quality_search(objective, init, sigma_floor=context.floor, **descent_options(context, "quality"))
+
+
+def descent_options(context: SearchContext, method: str) -> dict[str, Any]:
+    """The KID descent's settings of ``tune.search.<method>`` (quality, ggdm), shared validation seeds."""
+    node = context.settings[method]
+    names = ("seed_offset", "samples", "iterations", "lr", "validate_every")
+    options = {name: node[name] for name in names}
+    return {**options, "validation_seeds": context.validation_seeds, "progress": context.progress}
+
+
+def learned_sampler(context: SearchContext, leader: Candidate) -> tuple[TunedSampler, dict[str, Any]]:
+    """DDSS at the leader's budget: a GGDM sampler initialized as DDIM on the leader's grid (ending at 0),
+    its coefficients and levels learned on the selection features' KID (:func:`learn_ggdm`)."""
+    settings = context.settings.ggdm
+    sampler = GGDMSampler(
+        ending_at_zero(leader.sampler.grid),
+        sigma_data=float(getattr(context.model, "sigma_data", 0.5)),
+        learn_pred=settings.learn_pred,
+        learn_time=settings.learn_time,
+        learn_noise=False,  # the tuner compares deterministic samplers
+        init=leader.family,
     )
+    sampler, report = learn_ggdm(context.objective, sampler, **descent_options(context, "ggdm"))
+    learned = ggdm_learned_state(sampler)
+    return TunedSampler(sampler.name, sampler.sigmas(), sampler.settings(), learned=learned), report
 
 
 def searched_candidate(context: SearchContext, method: str, leader: Candidate, cache: Any) -> Candidate:
-    """``method``'s schedule for the leader's solver as a candidate (cached: a rerun reuses the grid)."""
+    """``method``'s schedule for the leader's solver as a candidate (cached: a rerun reuses the grid);
+    ``ggdm``: a sampler learned from the leader's grid (cached with its parameters)."""
+    if method == "ggdm":
+        return learned_candidate(context, leader, cache)
     candidate = Candidate(leader.solver, leader.variant, method, leader.name, dict(leader.knobs), {})
     payload = {"method": method, "leader": leader.setting, "settings": plain(context.settings)}
     found = cache.load("search", payload)
@@ -317,4 +352,38 @@ def searched_candidate(context: SearchContext, method: str, leader: Candidate, c
         candidate.sampler = TunedSampler(leader.name, found["sigmas"], leader.knobs)
     except UserError as err:
         candidate.skipped = str(err)
+    return candidate
+
+
+def learned_candidate(context: SearchContext, leader: Candidate, cache: Any) -> Candidate:
+    """The GGDM sampler learned from the leader's grid as a candidate (cached: a rerun reuses it)."""
+    candidate = Candidate(leader.solver, leader.variant, "ggdm", GGDMSampler.name, {}, {})
+    payload = {"method": "ggdm", "leader": leader.setting, "settings": plain(context.settings)}
+    found = cache.load("search", payload)
+    if found is None:
+        tick = time.perf_counter()
+        try:
+            sampler, report = learned_sampler(context, leader)
+        except UserError as err:
+            candidate.skipped = f"ggdm search failed: {err}"
+            return candidate
+        report = {key: value for key, value in report.items() if not key.endswith("history")}
+        found = {
+            "sigmas": sampler.grid.tolist(),
+            "knobs": sampler.solver_knobs,
+            "learned": sampler.learned,
+            "report": report,
+            "wall_s": round(time.perf_counter() - tick, 1),
+        }
+        cache.save("search", payload, found)
+    candidate.knobs = found["knobs"]
+    candidate.schedule = {
+        "method": "ggdm",
+        "init": leader.family,
+        "wall_s": found["wall_s"],
+        **found["report"],
+    }
+    candidate.sampler = TunedSampler(
+        GGDMSampler.name, found["sigmas"], found["knobs"], learned=found["learned"]
+    )
     return candidate

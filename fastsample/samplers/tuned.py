@@ -21,12 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, validate_sigmas
 from fastsample.samplers.base import BaseSampler
 from fastsample.samplers.common import Callback, GuidanceFn
+from fastsample.samplers.ggdm import GGDMSampler
 from fastsample.samplers.registry import SamplerSpec
 from fastsample.samplers.sampler import Sampler
 from fastsample.utils.errors import fail
@@ -51,25 +53,35 @@ def tuned_grid(sigmas: Any, setting: str) -> tuple[Tensor, str]:
 
 
 class TunedSampler(BaseSampler):
-    """A registry solver with its knobs on an explicit sigma grid (what the tuner selected).
+    """A registry solver with its knobs on an explicit sigma grid (what the tuner selected), or a learned
+    GGDM sampler (``solver="ggdm"``, its parameters in ``learned``; the grid is its learned levels).
 
     ``name`` is ``tuned``; ``knobs`` records the solver and its settings (run.json), ``nfe`` is the
     solver's own model-call count on the grid, ``schedule`` points at the file it came from.
     """
 
     def __init__(
-        self, solver: str, sigmas: Any, knobs: dict[str, Any] | None = None, path: str | None = None
+        self,
+        solver: str,
+        sigmas: Any,
+        knobs: dict[str, Any] | None = None,
+        path: str | None = None,
+        learned: dict[str, Any] | None = None,
     ) -> None:
-        grid, final = tuned_grid(sigmas, f"tuned sampler {path}" if path else "tuned sampler sigmas")
-        steps = len(grid) - 1
-        schedule = ScheduleSpec(kind="explicit", sigmas=grid.tolist(), final_sigmas_type=final)
-        self.inner = Sampler(solver, steps, schedule, **(knobs or {}))
+        where = f"tuned sampler {path}" if path else "tuned sampler sigmas"
+        grid, final = tuned_grid(sigmas, where)
+        self.learned = learned
+        if solver == GGDMSampler.name:
+            self.inner = learned_ggdm(knobs or {}, learned, grid, where)
+        else:
+            schedule = ScheduleSpec(kind="explicit", sigmas=grid.tolist(), final_sigmas_type=final)
+            self.inner = Sampler(solver, len(grid) - 1, schedule, **(knobs or {}))
         self.grid = grid
         self.name = "tuned"
-        self.steps = steps
+        self.steps = len(grid) - 1
         self.path = path
         self.schedule = ScheduleSpec(kind="file", path=path) if path else self.inner.schedule
-        self.knobs = {"solver": solver, **self.inner.knobs}
+        self.knobs = {"solver": solver, **self.solver_knobs}
 
     @property
     def solver(self) -> str:
@@ -77,8 +89,17 @@ class TunedSampler(BaseSampler):
         return self.inner.name
 
     @property
+    def solver_knobs(self) -> dict[str, Any]:
+        """The solver's settings, all of them (what the file's ``knobs`` holds to rebuild it)."""
+        if isinstance(self.inner, GGDMSampler):
+            return self.inner.settings()
+        return dict(self.inner.knobs)
+
+    @property
     def spec(self) -> SamplerSpec:
         """The solver's registry entry (its order and stochasticity)."""
+        if isinstance(self.inner, GGDMSampler):
+            fail("a learned GGDM tuned sampler has no registry solver; its levels are learned, not searched")
         return self.inner.spec
 
     @property
@@ -117,6 +138,36 @@ class TunedSampler(BaseSampler):
         return f"TunedSampler({self.solver!r}, steps={self.steps}, nfe={self.nfe}, path={self.path!r})"
 
 
+def learned_ggdm(
+    knobs: dict[str, Any], learned: dict[str, Any] | None, grid: Tensor, where: str
+) -> GGDMSampler:
+    """The GGDM sampler of a tuned file: built from its settings (``knobs``) and initial grid, with the
+    learned parameters loaded; its levels must be the file's ``sigmas``. Not bound to a backbone: like
+    every tuned sampler it runs on any denoiser (the file names the model it was tuned for)."""
+    if not learned or "init_sigmas" not in learned or "parameters" not in learned:
+        fail(f"{where}: a 'ggdm' tuned sampler needs 'learned' with init_sigmas and parameters")
+    sampler = GGDMSampler(learned["init_sigmas"], **knobs)
+    state = {
+        name: torch.as_tensor(values, dtype=torch.float64) for name, values in learned["parameters"].items()
+    }
+    state["init_sigmas"] = sampler.init_sigmas
+    try:
+        sampler.load_state_dict(state)
+    except RuntimeError as err:
+        fail(f"{where}: the learned GGDM parameters do not fit its settings ({str(err).splitlines()[0]})")
+    levels = sampler.levels().detach()
+    if levels.shape != grid.shape or not torch.allclose(levels, grid, rtol=1e-6, atol=0):
+        fail(f"{where}: sigmas are not the learned GGDM levels {levels.tolist()}")
+    return sampler.eval().requires_grad_(False)
+
+
+def ggdm_learned_state(sampler: GGDMSampler) -> dict[str, Any]:
+    """What a tuned file stores of a GGDM sampler besides its settings: the initial grid and the learned
+    parameters, as plain lists at full precision."""
+    parameters = {name: value.detach().cpu().tolist() for name, value in sampler.named_parameters()}
+    return {"init_sigmas": sampler.init_sigmas.tolist(), "parameters": parameters}
+
+
 def read_tuned_file(path: str | os.PathLike) -> dict[str, Any]:
     """The content of a tuned-sampler file, checked for the keys that run it."""
     resolved = Path(path).expanduser()
@@ -143,7 +194,8 @@ def load_sampler(path: str | os.PathLike, steps: int | None = None) -> TunedSamp
     ``steps`` (optional) must equal the file's step count: a config that asks for another is refused.
     """
     content = read_tuned_file(path)
-    sampler = TunedSampler(content["solver"], content["sigmas"], content.get("knobs") or {}, path=str(path))
+    knobs, learned = content.get("knobs") or {}, content.get("learned")
+    sampler = TunedSampler(content["solver"], content["sigmas"], knobs, path=str(path), learned=learned)
     if steps is not None and int(steps) != sampler.steps:
         fail(
             f"sampler.steps={steps} but the tuned sampler {path} has {sampler.steps} steps "
@@ -155,7 +207,10 @@ def load_sampler(path: str | os.PathLike, steps: int | None = None) -> TunedSamp
 def save_tuned_file(path: str | os.PathLike, content: dict[str, Any]) -> Path:
     """Write a tuned-sampler file atomically (YAML, keys in the given order, sigmas at full precision)."""
     path = Path(path)
-    TunedSampler(content["solver"], content["sigmas"], content.get("knobs") or {})  # refuse what cannot run
+    # refuse what cannot run
+    TunedSampler(
+        content["solver"], content["sigmas"], content.get("knobs") or {}, learned=content.get("learned")
+    )
     # through JSON: plain data only, and no YAML anchors where two entries share an object
     document = json.loads(json.dumps({"format": TUNED_FORMAT, **content}, default=str))
     text = yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=110)

@@ -15,9 +15,12 @@ kept. Evaluate the result on other seeds.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,7 @@ from fastsample.metrics.feature_loss import image_features
 from fastsample.metrics.features import FeatureExtractor
 from fastsample.metrics.scores import frechet_distance, mmd2_unbiased
 from fastsample.samplers import Sampler
+from fastsample.samplers.ggdm import GGDMSampler
 from fastsample.schedule_search.ays import LogSigmaSchedule
 from fastsample.utils.errors import check_range, fail
 from fastsample.utils.seeding import SeedNoise
@@ -129,55 +133,143 @@ def quality_search(
     Returns the grid with the lowest validation FID seen (float64, ending at 0; ``init`` if no
     iterate beats it) and a report (loss and validation histories, model calls, time).
     """
-    check_range("schedule_search.quality.iterations", iterations, low=0)
-    check_range("schedule_search.quality.lr", lr, low=0, low_inclusive=False)
-    check_range("schedule_search.quality.samples", samples, low=2)
-    check_range("schedule_search.quality.validate_every", validate_every, low=1)
-    if len(validation_seeds) < 2:
-        fail("schedule_search.quality.validation_seeds needs at least 2 seeds (e.g. 300000-300999)")
     schedule = LogSigmaSchedule(init, sigma_floor)
-    optimizer = torch.optim.Adam(schedule.parameters(), lr=lr)
-    start = time.perf_counter()
     # The start grid itself competes (the parametrization lifts a last level that sits on the floor).
-    best_sigmas = torch.as_tensor(init, dtype=torch.float64).clone()
-    best_fid = objective.fid(best_sigmas, validation_seeds)
+    start = torch.as_tensor(init, dtype=torch.float64).clone()
+    best, report = kid_descent(
+        objective,
+        Descent(
+            parameters=list(schedule.parameters()),
+            sigmas=schedule,
+            snapshot=lambda: schedule().detach().clone(),
+            start=start,
+            start_sigmas=start,
+            trainable=objective.sampler.steps > 1,  # one step: the only level is sigma_max, nothing to move
+            setting="schedule_search.quality",
+            title="schedule KID",
+        ),
+        validation_seeds=validation_seeds,
+        seed_offset=seed_offset,
+        samples=samples,
+        iterations=iterations,
+        lr=lr,
+        validate_every=validate_every,
+        progress=progress,
+    )
+    log.info(
+        "quality search: validation FID %.4g -> %.4g in %d iterations",
+        report["validation_fid"][0]["fid"],
+        report["best_validation_fid"],
+        report["iterations"],
+    )
+    return best, {"init_sigmas": torch.as_tensor(init).tolist(), **report}
+
+
+def learn_ggdm(
+    objective: QualityObjective, sampler: GGDMSampler, **options: Any
+) -> tuple[GGDMSampler, dict[str, Any]]:
+    """DDSS for one budget: the GGDM sampler's coefficients (and levels, with +TIME) by Adam on the KID
+    of ``objective``, from ``sampler``'s initialization (DDIM on its grid). The sampler ends with the
+    parameters of the lowest validation FID seen (the start included); returns it and a report.
+    ``options``: :func:`kid_descent`'s (validation_seeds, seed_offset, samples, iterations, lr,
+    validate_every, progress)."""
+    run_objective = dataclasses.replace(objective, sampler=sampler)
+    sampler.requires_grad_(True)
+    best, report = kid_descent(
+        run_objective,
+        Descent(
+            parameters=list(sampler.parameters()),
+            sigmas=sampler.sigmas,  # its own levels; the gradient reaches them inside the sampler
+            snapshot=lambda: copy.deepcopy(sampler.state_dict()),
+            start=copy.deepcopy(sampler.state_dict()),
+            start_sigmas=sampler.sigmas(),
+            trainable=True,
+            setting="tune.search.ggdm",
+            title="GGDM KID",
+            validation_setting="tune.search.quality.validation_seeds",  # shared with the quality search
+        ),
+        **options,
+    )
+    sampler.load_state_dict(best)
+    log.info(
+        "GGDM: validation FID %.4g -> %.4g in %d iterations",
+        report["validation_fid"][0]["fid"],
+        report["best_validation_fid"],
+        report["iterations"],
+    )
+    return sampler.requires_grad_(False), report
+
+
+@dataclass
+class Descent:
+    """What :func:`kid_descent` optimizes: the parameters, the current grid, how to keep an iterate
+    (``snapshot``), and the start iterate that competes with the others."""
+
+    parameters: list[torch.nn.Parameter]
+    sigmas: Callable[[], Tensor]
+    snapshot: Callable[[], Any]
+    start: Any
+    start_sigmas: Tensor
+    trainable: bool
+    setting: str
+    title: str
+    validation_setting: str | None = (
+        None  # where the validation seeds are set (default: <setting>.validation_seeds)
+    )
+
+
+def kid_descent(
+    objective: QualityObjective,
+    descent: Descent,
+    *,
+    validation_seeds: list[int],
+    seed_offset: int,
+    samples: int,
+    iterations: int,
+    lr: float,
+    validate_every: int,
+    progress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """Adam on ``descent.parameters`` against the KID of fresh seeds each iteration; every
+    ``validate_every`` iterations the FID of ``validation_seeds``. Returns the kept iterate with the
+    lowest validation FID (``descent.start`` if none beats it) and a report."""
+    check_range(f"{descent.setting}.iterations", iterations, low=0)
+    check_range(f"{descent.setting}.lr", lr, low=0, low_inclusive=False)
+    check_range(f"{descent.setting}.samples", samples, low=2)
+    check_range(f"{descent.setting}.validate_every", validate_every, low=1)
+    if len(validation_seeds) < 2:
+        where = descent.validation_setting or f"{descent.setting}.validation_seeds"
+        fail(f"{where} needs at least 2 seeds (e.g. 300000-300999)")
+    optimizer = torch.optim.Adam(descent.parameters, lr=lr)
+    tick = time.perf_counter()
+    best, best_fid = descent.start, objective.fid(descent.start_sigmas, validation_seeds)
     validation = [{"iteration": 0, "fid": best_fid}]
     losses: list[float] = []
-    trainable = objective.sampler.steps > 1  # one step: the only level is sigma_max, nothing to move
-    bar = tqdm(range(iterations if trainable else 0), desc="schedule KID", disable=not progress)
+    bar = tqdm(range(iterations if descent.trainable else 0), desc=descent.title, disable=not progress)
     for iteration in bar:
         optimizer.zero_grad()
-        loss = objective.kid_backward(schedule(), iteration_seeds(seed_offset, iteration, samples))
+        loss = objective.kid_backward(descent.sigmas(), iteration_seeds(seed_offset, iteration, samples))
         if not math.isfinite(loss):
             fail(
-                f"quality search: the KID became {loss} at iteration {iteration}; "
-                "lower schedule_search.quality.lr"
+                f"{descent.title}: the KID became {loss} at iteration {iteration}; lower {descent.setting}.lr"
             )
         losses.append(loss)
         optimizer.step()
         done = iteration + 1
         if done % validate_every == 0 or done == iterations:
-            sigmas = schedule().detach().clone()
+            sigmas = descent.sigmas().detach().clone()
             fid = objective.fid(sigmas, validation_seeds)
             validation.append({"iteration": done, "fid": fid})
             if fid < best_fid:
-                best_fid, best_sigmas = fid, sigmas
+                best_fid, best = fid, descent.snapshot()
         bar.set_postfix(kid=f"{loss:.3g}", val_fid=f"{validation[-1]['fid']:.4g}", best=f"{best_fid:.4g}")
     bar.close()
     calls = objective.sampler.nfe * (len(losses) * samples + len(validation) * len(validation_seeds))
-    report = {
-        "init_sigmas": torch.as_tensor(init).tolist(),
+    return best, {
         "kid_history": [float(f"{value:.6g}") for value in losses],
         "validation_fid": validation,
         "iterations": len(losses),
         "best_validation_fid": best_fid,
         "model_calls_forward": calls,
-        "wall_s": round(time.perf_counter() - start, 2),
+        "wall_s": round(time.perf_counter() - tick, 2),
     }
-    log.info(
-        "quality search: validation FID %.4g -> %.4g in %d iterations",
-        validation[0]["fid"],
-        best_fid,
-        len(losses),
-    )
-    return best_sigmas, report
