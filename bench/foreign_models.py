@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsample.jobs.foreign_benchmark import main  # noqa: E402
+from fastsample.jobs.foreign_benchmark import TUNED, main  # noqa: E402
 from fastsample.utils.errors import run_cli  # noqa: E402
 
 #: fastsample rows beside diffusers' (docs/tuning.md, "Tuner"). ``--hand-picked`` adds fixed fastsample
@@ -51,7 +51,7 @@ def fastsample_rows(argv: list[str]) -> list[str]:
             expanded += [arg for row in HAND_PICKED for arg in ("--row", row)]
         elif item == "--tuned":
             path = f"{next(items, '.')}/tuned-nfe{{nfe}}.yaml"
-            expanded += ["--row", f"tuned:sampler=tuned;sampler.path={path};sampler.steps=null"]
+            expanded += ["--row", f"{TUNED}:sampler=tuned;sampler.path={path};sampler.steps=null"]
         else:
             expanded.append(item)
     return expanded

@@ -175,3 +175,21 @@ def test_a_failing_sampler_is_a_row_not_the_end(
     (row,) = foreign_benchmark.main(argv)
     assert row["error"] == "AssertionError: this_order > 0" and row["fid_classifier"] is None
     assert "| DDIM | fails |" in (tmp_path / "bench" / "foreign_models.md").read_text()
+
+
+def test_targets_table_compares_tuned_with_the_best_diffusers_default():
+    """The issue's ratios: against the best *diffusers default* by classifier FID (not a hand-picked
+    fastsample row, even a better one) and against the converged run, in both feature spaces."""
+
+    def row(label: str, budget: int, classifier: float, random_conv: float) -> dict:
+        return {"row": label, "budget": budget, "fid_classifier": classifier, "fid_random_conv": random_conv}
+
+    rows = [
+        row("converged: dpmpp_2m 200 steps", 0, 0.02, 0.2),
+        row("UniPC", 5, 0.04, 0.5),
+        row("DEIS", 5, 0.05, 0.4),
+        row("hand unipc trailing", 5, 0.01, 0.1),
+        row(foreign_benchmark.TUNED, 5, 0.02, 0.25),
+    ]
+    table = foreign_benchmark.targets_table(rows)
+    assert "| 5 | UniPC: 0.04 / 0.5 | 0.02 / 0.25 | 0.50 / 0.50 | 1.00 / 1.25 |" in table

@@ -94,6 +94,9 @@ DIFFUSERS_DEFAULTS = (
 #: ``'converged: heun 101 steps:sampler=heun;sampler.steps=101'``, NFE 201)
 REFERENCES = (Row("converged: dpmpp_2m 200 steps", ("sampler=dpmpp_2m",), steps=200, once=True),)
 DEFAULT_MODELS = ("eps_linear=outputs/foreign/eps_linear", "v_cosine=outputs/foreign/v_cosine")
+#: the row label of the tuned sampler (``bench/foreign_models.py --tuned RUN_DIR``); its targets table
+TUNED = "tuned"
+
 COLUMNS = [
     "model",
     "row",
@@ -367,7 +370,45 @@ def markdown_report(rows: Sequence[dict]) -> str:
             ("class_accuracy", "class accuracy (classifier)"),
         ):
             parts.append(f"{title}:\n\n{pivot_table(mine, key)}")
+        if any(row["row"] == TUNED for row in mine):
+            parts.append(
+                f"tuned sampler against diffusers (FID classifier / random CNN):\n\n{targets_table(mine)}"
+            )
     return "\n\n".join(parts)
+
+
+def targets_table(rows: Sequence[dict]) -> str:
+    """Per budget with a ``tuned`` row: the best diffusers default (lowest classifier FID) and the
+    tuned sampler, with the ratios the issue's targets are about: tuned / best default and tuned /
+    converged (the first reference row), in both feature spaces."""
+    defaults = {row.label for row in pick_defaults("all")}
+    references = [row for row in rows if not row["budget"] and not row.get("error")]
+    lines = [
+        "| NFE | best diffusers default | tuned | tuned / best default | tuned / converged |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for tuned in (row for row in rows if row["row"] == TUNED and not row.get("error")):
+        scored = [
+            r for r in rows if r["budget"] == tuned["budget"] and r["row"] in defaults and not r.get("error")
+        ]
+        if not scored:
+            continue
+        best = min(scored, key=lambda row: row["fid_classifier"])
+        converged = ratios(tuned, references[0]) if references else "-"
+        lines.append(
+            f"| {tuned['budget']} | {best['row']}: {fid_pair(best)} | {fid_pair(tuned)} | "
+            f"{ratios(tuned, best)} | {converged} |"
+        )
+    return "\n".join(lines)
+
+
+def fid_pair(row: dict) -> str:
+    return f"{fmt(row['fid_classifier'])} / {fmt(row['fid_random_conv'])}"
+
+
+def ratios(row: dict, other: dict) -> str:
+    keys = ("fid_classifier", "fid_random_conv")
+    return " / ".join(f"{row[key] / other[key]:.2f}" for key in keys)
 
 
 def reference_table(rows: Sequence[dict]) -> str:
