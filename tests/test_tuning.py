@@ -160,26 +160,30 @@ def test_the_file_loads_by_config_and_by_python(tuned):
         load_sampler(path, steps=9)
 
 
-def test_the_tuned_sampler_reproduces_the_reported_samples(tuned):
-    """sample.py's setup with sampler=tuned gives the report's held-out FID to float rounding."""
-    cfg, _, content = tuned
-    path = cfg.output_dir + "/tuned-nfe4.yaml"
+def tuned_sample_config(cfg, *overrides: str):
+    """sample.py's config with the tuning run's file (``sampler=tuned``) on its model and labels."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        sample_cfg = compose(
+        return compose(
             "sample",
             overrides=[
                 "model=gmm_digits",
-                "dataset=digits",
                 "class_labels=cycle",
                 "device=cpu",
-                "batch_size=64",
                 f"model.cache_dir={cfg.paths.cache_dir}",
                 f"paths.cache_dir={cfg.paths.cache_dir}",
                 "sampler=tuned",
-                f"sampler.path={path}",
-                f"seeds={content['report']['seeds']}",
+                f"sampler.path={cfg.output_dir}/tuned-nfe4.yaml",
+                *overrides,
             ],
         )
+
+
+def test_the_tuned_sampler_reproduces_the_reported_samples(tuned):
+    """sample.py's setup with sampler=tuned gives the report's held-out FID to float rounding."""
+    cfg, _, content = tuned
+    sample_cfg = tuned_sample_config(
+        cfg, "dataset=digits", "batch_size=64", f"seeds={content['report']['seeds']}"
+    )
     setup = plan(sample_cfg)
     space = build_space(sample_cfg, "pixels", cfg.tune.report_features.pixels, "test", setup.device)
     fid = setup.score(space.evaluator)["fid"]
@@ -195,21 +199,8 @@ def test_nfe_spent_is_the_budget(tuned, tmp_path):
         for r in content["candidates"]
         for s in r.get("selection", {}).values()
     )
-    path = cfg.output_dir + "/tuned-nfe4.yaml"
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        sample_cfg = compose(
-            "sample",
-            overrides=[
-                "model=gmm_digits",
-                f"model.cache_dir={cfg.paths.cache_dir}",
-                "class_labels=cycle",
-                "device=cpu",
-                "sampler=tuned",
-                f"sampler.path={path}",
-                "seeds=0-7",
-                f"output_dir={tmp_path}",
-            ],
-        )
+    sample_cfg = tuned_sample_config(cfg, "seeds=0-7", f"output_dir={tmp_path}")
+    path = sample_cfg.sampler.path
     summary = generate(sample_cfg)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["nfe"] == summary["nfe"] == 4 and run["sampler"] == "tuned"

@@ -27,7 +27,7 @@ from fastsample.metrics.evaluator import Evaluator
 from fastsample.samplers import SAMPLERS, Sampler
 from fastsample.schedule_search.ays import ays_search
 from fastsample.schedule_search.gits import gits_search, step_costs
-from fastsample.schedule_search.quality import QualityObjective, quality_search
+from fastsample.schedule_search.quality import QualityObjective, descent_settings, quality_search
 from fastsample.schedule_search.trajectories import (
     Trajectories,
     candidate_sigmas,
@@ -334,19 +334,14 @@ def run_method(search: Search, sampler: Sampler) -> tuple[torch.Tensor, dict[str
             **common,
         )
     else:
-        quality = settings.quality
         search.objective = dataclasses.replace(search.objective, sampler=sampler)
         sigmas, report = quality_search(
             search.objective,
             init,
             sigma_floor=search.bounds[0],
             validation_seeds=search.validation_seeds,
-            seed_offset=quality.seed_offset,
-            samples=quality.samples,
-            iterations=quality.iterations,
-            lr=quality.lr,
-            validate_every=quality.validate_every,
             progress=search.progress,
+            **descent_settings(settings.quality),
         )
     report.update(init_report)
     return sigmas, report, OmegaConf.to_container(settings[search.method], resolve=True)

@@ -27,7 +27,7 @@ from fastsample.samplers.ggdm import GGDMSampler
 from fastsample.samplers.tuned import TunedSampler, ggdm_learned_state
 from fastsample.schedule_search.ays import ays_search
 from fastsample.schedule_search.gits import gits_search, step_costs
-from fastsample.schedule_search.quality import QualityObjective, learn_ggdm, quality_search
+from fastsample.schedule_search.quality import QualityObjective, descent_settings, learn_ggdm, quality_search
 from fastsample.schedule_search.trajectories import Trajectories, steps_for_nfe
 from fastsample.utils.errors import UserError, fail
 
@@ -301,13 +301,11 @@ def search_grid(context: SearchContext, method: str, leader: Candidate) -> tuple
 
 def descent_options(context: SearchContext, method: str) -> dict[str, Any]:
     """The KID descent's settings of ``tune.search.<method>`` (quality, ggdm), shared validation seeds."""
-    node = context.settings[method]
-    names = ("seed_offset", "samples", "iterations", "lr", "validate_every")
-    options = {name: node[name] for name in names}
+    options = descent_settings(context.settings[method])
     return {**options, "validation_seeds": context.validation_seeds, "progress": context.progress}
 
 
-def learned_sampler(context: SearchContext, leader: Candidate) -> tuple[TunedSampler, dict[str, Any]]:
+def learned_sampler(context: SearchContext, leader: Candidate) -> tuple[GGDMSampler, dict[str, Any]]:
     """DDSS at the leader's budget: a GGDM sampler initialized as DDIM on the leader's grid (ending at 0),
     its coefficients and levels learned on the selection features' KID (:func:`learn_ggdm`)."""
     settings = context.settings.ggdm
@@ -319,9 +317,7 @@ def learned_sampler(context: SearchContext, leader: Candidate) -> tuple[TunedSam
         learn_noise=False,  # the tuner compares deterministic samplers
         init=leader.family,
     )
-    sampler, report = learn_ggdm(context.objective, sampler, **descent_options(context, "ggdm"))
-    learned = ggdm_learned_state(sampler)
-    return TunedSampler(sampler.name, sampler.sigmas(), sampler.settings(), learned=learned), report
+    return learn_ggdm(context.objective, sampler, **descent_options(context, "ggdm"))
 
 
 def searched_candidate(context: SearchContext, method: str, leader: Candidate, cache: Any) -> Candidate:
@@ -369,9 +365,9 @@ def learned_candidate(context: SearchContext, leader: Candidate, cache: Any) -> 
             return candidate
         report = {key: value for key, value in report.items() if not key.endswith("history")}
         found = {
-            "sigmas": sampler.grid.tolist(),
-            "knobs": sampler.solver_knobs,
-            "learned": sampler.learned,
+            "sigmas": sampler.sigmas().tolist(),
+            "knobs": sampler.settings(),
+            "learned": ggdm_learned_state(sampler),
             "report": report,
             "wall_s": round(time.perf_counter() - tick, 1),
         }

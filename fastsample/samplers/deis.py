@@ -20,20 +20,9 @@ import torch
 from torch import Tensor
 
 from fastsample.samplers.common import Callback, GuidanceFn, bind, report
-from fastsample.samplers.ode import final_order_cap
+from fastsample.samplers.ode import final_order_cap, lagrange_basis
 from fastsample.samplers.registry import register
 from fastsample.utils.errors import check_range
-
-
-def _basis_polynomial(nodes: Tensor, j: int) -> Tensor:
-    """Coefficients (lowest first) of the Lagrange basis polynomial ``L_j`` on ``nodes``."""
-    poly = torch.ones(1, dtype=nodes.dtype, device=nodes.device)
-    for m in range(len(nodes)):
-        if m != j:
-            shifted = torch.cat([-nodes[m : m + 1] * poly, poly.new_zeros(1)])
-            shifted[1:] = shifted[1:] + poly
-            poly = shifted / (nodes[j] - nodes[m])
-    return poly
 
 
 def _exp_antiderivative(poly: Tensor, v: Tensor) -> Tensor:
@@ -64,7 +53,7 @@ def log_lagrange_weights(nodes: Tensor, start: Tensor, end: Tensor) -> Tensor:
     zero = torch.zeros_like(v_end)
     weights = []
     for j in range(len(nodes)):
-        poly = _basis_polynomial(v_nodes, j)
+        poly = lagrange_basis(v_nodes, j)
         weights.append(start * (_exp_antiderivative(poly, v_end) - _exp_antiderivative(poly, zero)))
     return torch.stack(weights)
 

@@ -266,15 +266,21 @@ def _lagrange_weights(nodes: Tensor, start: Tensor, end: Tensor) -> Tensor:
     u_nodes = (nodes - start) / width
     weights = []
     for j in range(len(nodes)):
-        poly = torch.ones(1, dtype=nodes.dtype, device=nodes.device)  # coefficients, lowest first
-        for m in range(len(nodes)):
-            if m != j:
-                shifted = torch.cat([-u_nodes[m : m + 1] * poly, poly.new_zeros(1)])
-                shifted[1:] = shifted[1:] + poly
-                poly = shifted / (u_nodes[j] - u_nodes[m])
+        poly = lagrange_basis(u_nodes, j)
         powers = torch.arange(1, len(poly) + 1, dtype=nodes.dtype, device=nodes.device)
         weights.append(width * (poly / powers).sum())
     return torch.stack(weights)
+
+
+def lagrange_basis(nodes: Tensor, j: int) -> Tensor:
+    """Coefficients (lowest first) of the Lagrange basis polynomial ``L_j`` on ``nodes`` (differentiable)."""
+    poly = torch.ones(1, dtype=nodes.dtype, device=nodes.device)
+    for m in range(len(nodes)):
+        if m != j:
+            shifted = torch.cat([-nodes[m : m + 1] * poly, poly.new_zeros(1)])
+            shifted[1:] = shifted[1:] + poly
+            poly = shifted / (nodes[j] - nodes[m])
+    return poly
 
 
 @register("lms", order=4)

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from fastsample.diffusion.schedules import ScheduleSpec, validate_sigmas
 from fastsample.samplers.base import BaseSampler
-from fastsample.samplers.common import Callback, GuidanceFn
 from fastsample.samplers.ggdm import GGDMSampler
 from fastsample.samplers.registry import SamplerSpec
 from fastsample.samplers.sampler import Sampler
@@ -111,28 +110,9 @@ class TunedSampler(BaseSampler):
         """The stored grid (float64, ending at 0 or sigma_min), whatever the model."""
         return self.grid.clone()
 
-    def _integrate(
-        self,
-        denoiser: Any,
-        x: Tensor,
-        sigmas: Tensor,
-        *,
-        cond: dict | None,
-        guidance: GuidanceFn | None,
-        generator: Any,
-        callback: Callback,
-        **options: Any,
-    ) -> Tensor:
-        return self.inner._integrate(
-            denoiser,
-            x,
-            sigmas,
-            cond=cond,
-            guidance=guidance,
-            generator=generator,
-            callback=callback,
-            **options,
-        )
+    def _integrate(self, denoiser: Any, x: Tensor, sigmas: Tensor, **settings: Any) -> Tensor:
+        """The solver's own integration (cond, guidance, generator, callback and options as given)."""
+        return self.inner._integrate(denoiser, x, sigmas, **settings)
 
     def __repr__(self) -> str:
         return f"TunedSampler({self.solver!r}, steps={self.steps}, nfe={self.nfe}, path={self.path!r})"

@@ -109,6 +109,16 @@ class QualityObjective:
         )
 
 
+#: the settings of a KID descent a config node holds (``schedule_search.quality``, ``tune.search.quality``,
+#: ``tune.search.ggdm``); the validation seeds and progress come from the job
+DESCENT_SETTINGS = ("seed_offset", "samples", "iterations", "lr", "validate_every")
+
+
+def descent_settings(node: Any) -> dict[str, Any]:
+    """:data:`DESCENT_SETTINGS` of a config node, as keyword arguments of the searches."""
+    return {name: node[name] for name in DESCENT_SETTINGS}
+
+
 def iteration_seeds(offset: int, iteration: int, count: int) -> list[int]:
     """The fresh seeds of one iteration: ``count`` consecutive seeds after those of earlier iterations."""
     first = offset + iteration * count
